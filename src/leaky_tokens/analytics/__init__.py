@@ -1,0 +1,1 @@
+"""Analytics service: the usage-event store, usage / report / anomaly queries."""

@@ -1,0 +1,87 @@
+"""Assembles the auth service: database, migrations, signing keys, admin bootstrap, routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from leaky_tokens.auth.router import router
+from leaky_tokens.auth.service import AuthService
+from leaky_tokens.settings import Settings
+from leaky_tokens.shared.app import build_service_app
+from leaky_tokens.shared.clock import Clock, SystemClock
+from leaky_tokens.shared.counters import MemoryWindowCounter, RedisWindowCounter, WindowCounter
+from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.migrations import upgrade_database
+from leaky_tokens.shared.principal import Principal
+
+log = logging.getLogger("leaky_tokens.auth")
+
+
+class LocalAuthenticator:
+    """The auth service verifies its own callers without a network hop."""
+
+    def __init__(self, service: AuthService) -> None:
+        self._service = service
+
+    async def from_bearer(self, token: str) -> Principal:
+        return self._service.principal_from_bearer(token)
+
+    async def from_api_key(self, raw_key: str) -> Principal:
+        return await self._service.principal_from_api_key(raw_key)
+
+
+async def _refresh_keys_forever(service: AuthService, interval: float) -> None:
+    """Replicas pick up a rotation made by another replica (or the CLI) within `interval`."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await service.ensure_signing_key()
+        except Exception:
+            log.exception("signing key refresh failed")
+
+
+def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = settings.database_url("auth")
+        if settings.auto_migrate:
+            await upgrade_database(url, "auth")
+        database = Database(url)
+        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        throttle: WindowCounter = (
+            RedisWindowCounter(redis, prefix="lt:auth:") if redis else MemoryWindowCounter()
+        )
+        service = AuthService(database, settings.auth, clock or SystemClock(), throttle)
+        await service.ensure_signing_key()
+        if settings.admin_username and settings.admin_password:
+            email = settings.admin_email or f"{settings.admin_username}@localhost.localdomain"
+            await service.ensure_admin(settings.admin_username, email, settings.admin_password)
+        app.state.auth_service = service
+        app.state.authenticator = LocalAuthenticator(service)
+        refresher = asyncio.create_task(
+            _refresh_keys_forever(service, settings.auth.signing_key_refresh_seconds)
+        )
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            if redis is not None:
+                await redis.aclose()
+            await database.dispose()
+
+    return build_service_app(
+        "auth",
+        title="Leaky Tokens — auth service",
+        description="Users, roles, organisations, RS256 JWTs (JWKS) and API keys.",
+        routers=[router],
+        lifespan=lifespan,
+        log_access=settings.access_log,
+    )

@@ -1,0 +1,115 @@
+"""RS256 signing keys (persisted, rotated by kid) and the JWTs the auth service issues."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+
+from leaky_tokens.shared.errors import InvalidToken
+from leaky_tokens.shared.jwt_verify import ALGORITHM, decode_token, unverified_kid
+
+
+def _b64(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    kid: str
+    private_pem: str
+    public_jwk: dict[str, str]
+    created_at: datetime
+
+
+def generate_key_material(now: datetime) -> KeyMaterial:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    numbers = private.public_key().public_numbers()
+    e, n = _b64(numbers.e), _b64(numbers.n)
+    # RFC 7638 thumbprint: the kid is derived from the key, so it is stable and unique.
+    thumbprint = hashlib.sha256(
+        json.dumps({"e": e, "kty": "RSA", "n": n}, separators=(",", ":")).encode()
+    ).digest()
+    kid = base64.urlsafe_b64encode(thumbprint).rstrip(b"=").decode()[:32]
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    jwk = {"kty": "RSA", "use": "sig", "alg": ALGORITHM, "kid": kid, "n": n, "e": e}
+    return KeyMaterial(kid=kid, private_pem=pem, public_jwk=jwk, created_at=now)
+
+
+class KeyRing:
+    """The newest key signs; the newest two verify and are published in the JWKS."""
+
+    def __init__(self, issuer: str, ttl_seconds: int) -> None:
+        self.issuer = issuer
+        self.ttl_seconds = ttl_seconds
+        self._signing: tuple[str, RSAPrivateKey] | None = None
+        self._verifying: dict[str, RSAPublicKey] = {}
+        self._published: list[dict[str, str]] = []
+
+    def load(self, newest_first: list[KeyMaterial]) -> None:
+        if not newest_first:
+            raise RuntimeError("no signing key")
+        current = newest_first[0]
+        private = serialization.load_pem_private_key(current.private_pem.encode(), password=None)
+        assert isinstance(private, RSAPrivateKey)
+        active = newest_first[:2]
+        self._signing = (current.kid, private)
+        self._verifying = {m.kid: _public_from_jwk(m.public_jwk) for m in active}
+        self._published = [dict(m.public_jwk) for m in active]
+
+    @property
+    def current_kid(self) -> str:
+        assert self._signing is not None
+        return self._signing[0]
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": list(self._published)}
+
+    def issue(
+        self,
+        *,
+        user_id: uuid.UUID,
+        username: str,
+        roles: list[str],
+        org_ids: list[uuid.UUID],
+        now: datetime,
+    ) -> str:
+        assert self._signing is not None, "key ring not loaded"
+        kid, key = self._signing
+        claims = {
+            "sub": str(user_id),
+            "username": username,
+            "roles": roles,
+            "orgs": [str(o) for o in org_ids],
+            "iss": self.issuer,
+            "iat": int(now.timestamp()),
+            "exp": int((now + timedelta(seconds=self.ttl_seconds)).timestamp()),
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": kid})
+
+    def verify(self, token: str) -> dict[str, Any]:
+        key = self._verifying.get(unverified_kid(token))
+        if key is None:
+            raise InvalidToken("bearer token signed by an unknown key")
+        return decode_token(token, key, self.issuer)
+
+
+def _public_from_jwk(jwk: dict[str, str]) -> RSAPublicKey:
+    key = jwt.PyJWK.from_dict(dict(jwk), algorithm=ALGORITHM).key
+    assert isinstance(key, RSAPublicKey)
+    return key

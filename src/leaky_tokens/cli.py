@@ -1,0 +1,205 @@
+"""`leaky-tokens`: up | serve SERVICE | migrate | admin …"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from leaky_tokens.settings import SERVICES, Settings, SettingsError, load_settings
+from leaky_tokens.shared.logging import configure_logging
+
+app = typer.Typer(
+    help="Leaky Tokens: a token API gateway for AI providers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+admin = typer.Typer(help="Administrative tasks run against the databases directly.")
+app.add_typer(admin, name="admin")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="LEAKY_CONFIG", help="TOML settings file"),
+]
+ReadyFile = Annotated[
+    Path | None,
+    typer.Option(help="Write {pid, ports} as JSON here once every service listens"),
+]
+TABLE_OWNERS = ("auth", "tokens", "analytics")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"leaky-tokens: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except SettingsError as exc:
+        _fail(str(exc))
+        raise AssertionError from exc  # unreachable
+
+
+def _run(coro: object) -> int:
+    try:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return int(runner.run(coro))  # type: ignore[arg-type]
+    except ImportError:
+        return int(asyncio.run(coro))  # type: ignore[arg-type]
+
+
+def _serve(settings: Settings, services: list[str], ready_file: Path | None) -> None:
+    from leaky_tokens.runtime.server import StartupError, serve_services
+
+    configure_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        code = _run(serve_services(settings, services, ready_file=ready_file))
+    except StartupError as exc:
+        _fail(str(exc), 3)
+        return
+    raise typer.Exit(code)
+
+
+@app.command()
+def up(
+    config: ConfigOption = None,
+    skip: Annotated[str, typer.Option(help="Comma-separated services not to start")] = "",
+    ready_file: ReadyFile = None,
+) -> None:
+    """Start every service in one process, each on its own port."""
+    settings = _settings(config)
+    skipped = {s.strip() for s in skip.split(",") if s.strip()}
+    unknown = skipped - set(SERVICES)
+    if unknown:
+        _fail(
+            f"unknown service(s) in --skip: {', '.join(sorted(unknown))}; "
+            f"choose from {', '.join(SERVICES)}"
+        )
+    _serve(settings, [s for s in SERVICES if s not in skipped], ready_file)
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}")],
+    port: Annotated[int | None, typer.Option(min=0, max=65535)] = None,
+    config: ConfigOption = None,
+    ready_file: ReadyFile = None,
+) -> None:
+    """Run one service in this process."""
+    if service not in SERVICES:
+        _fail(f"unknown service {service!r}; choose from {', '.join(SERVICES)}")
+    settings = _settings(config)
+    if port is not None:
+        settings = settings.with_ports({service: port})
+    _serve(settings, [service], ready_file)
+
+
+@app.command()
+def migrate(
+    services: Annotated[list[str] | None, typer.Argument(help="Default: all")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Bring each service's database to the newest schema."""
+    from leaky_tokens.shared.migrations import head_revision, upgrade_database
+
+    settings = _settings(config)
+    chosen = services or list(TABLE_OWNERS)
+    for name in chosen:
+        if name not in TABLE_OWNERS:
+            _fail(f"{name!r} owns no tables; choose from {', '.join(TABLE_OWNERS)}")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def run() -> int:
+        for name in chosen:
+            if head_revision(name) is None:
+                continue
+            await upgrade_database(settings.database_url(name), name)
+            typer.echo(f"{name}: at {head_revision(name)}")
+        return 0
+
+    raise typer.Exit(_run(run()))
+
+
+@admin.command("create-user")
+def create_user(
+    username: Annotated[str, typer.Option(prompt=True)],
+    email: Annotated[str, typer.Option(prompt=True)],
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)],
+    make_admin: Annotated[bool, typer.Option("--admin", help="Grant the ADMIN role")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Create a user (the first ADMIN comes from here or from LEAKY_ADMIN_USERNAME/PASSWORD)."""
+    from leaky_tokens.auth.errors import EmailTaken, UsernameTaken, WeakPassword
+
+    settings = _settings(config)
+
+    async def run() -> int:
+        async with _auth_service(settings) as service:
+            try:
+                user = await service.create_user(username, email, password, admin=make_admin)
+            except (UsernameTaken, EmailTaken, WeakPassword) as exc:
+                typer.echo(f"leaky-tokens: {exc.message}", err=True)
+                return 1
+            typer.echo(f"created user {user.username} ({user.id}) roles={','.join(user.roles)}")
+        return 0
+
+    raise typer.Exit(_run(run()))
+
+
+@admin.command("rotate-signing-key")
+def rotate_signing_key(config: ConfigOption = None) -> None:
+    """Make a new JWT signing key current; the previous one still verifies."""
+    settings = _settings(config)
+
+    async def run() -> int:
+        async with _auth_service(settings) as service:
+            kid = await service.rotate_signing_key()
+            typer.echo(
+                f"new signing key {kid}; running auth services pick it up within "
+                f"{settings.auth.signing_key_refresh_seconds:g}s"
+            )
+        return 0
+
+    raise typer.Exit(_run(run()))
+
+
+def _auth_service(settings: Settings):  # type: ignore[no-untyped-def]
+    import contextlib
+
+    from leaky_tokens.auth.service import AuthService
+    from leaky_tokens.shared.clock import SystemClock
+    from leaky_tokens.shared.counters import MemoryWindowCounter
+    from leaky_tokens.shared.database import Database
+    from leaky_tokens.shared.migrations import upgrade_database
+
+    @contextlib.asynccontextmanager
+    async def scope():  # type: ignore[no-untyped-def]
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.database_url("auth")
+        await upgrade_database(url, "auth")
+        database = Database(url)
+        try:
+            yield AuthService(database, settings.auth, SystemClock(), MemoryWindowCounter())
+        finally:
+            await database.dispose()
+
+    return scope()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""API gateway: routing, edge authentication, per-principal rate limits, circuit breakers."""

@@ -1,0 +1,1 @@
+"""Alembic histories, one folder per table-owning service."""

@@ -1,0 +1,70 @@
+"""Builds each service's application from settings (the composition root)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import FastAPI
+
+from leaky_tokens.settings import SERVICES, Settings
+from leaky_tokens.shared.authn import RemoteAuthenticator
+
+
+def remote_authenticator(settings: Settings) -> RemoteAuthenticator:
+    client = settings.auth_client
+    return RemoteAuthenticator(
+        settings.url_of("auth"),
+        issuer=settings.auth.jwt_issuer,
+        api_key_cache_seconds=client.api_key_cache_seconds,
+        jwks_min_refresh_seconds=client.jwks_min_refresh_seconds,
+        timeout_seconds=client.timeout_seconds,
+    )
+
+
+def _auth(settings: Settings) -> FastAPI:
+    from leaky_tokens.auth.app import create_auth_app
+
+    return create_auth_app(settings)
+
+
+def _tokens(settings: Settings) -> FastAPI:
+    from leaky_tokens.tokens.app import create_tokens_app
+
+    return create_tokens_app(settings, authenticator=remote_authenticator(settings))
+
+
+def _analytics(settings: Settings) -> FastAPI:
+    from leaky_tokens.analytics.app import create_analytics_app
+
+    return create_analytics_app(settings, authenticator=remote_authenticator(settings))
+
+
+def _gateway(settings: Settings) -> FastAPI:
+    from leaky_tokens.gateway.app import create_gateway_app
+
+    return create_gateway_app(settings)
+
+
+def _provider(name: str) -> Callable[[Settings], FastAPI]:
+    def build(settings: Settings) -> FastAPI:
+        from leaky_tokens.providers import create_provider_app
+
+        return create_provider_app(name, log_access=settings.access_log)  # type: ignore[arg-type]
+
+    return build
+
+
+FACTORIES: dict[str, Callable[[Settings], FastAPI]] = {
+    "gateway": _gateway,
+    "auth": _auth,
+    "tokens": _tokens,
+    "analytics": _analytics,
+    "qwen": _provider("qwen"),
+    "gemini": _provider("gemini"),
+    "openai": _provider("openai"),
+}
+assert set(FACTORIES) == set(SERVICES)
+
+
+def build_app(service: str, settings: Settings) -> FastAPI:
+    return FACTORIES[service](settings)

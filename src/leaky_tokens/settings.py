@@ -1,0 +1,179 @@
+"""The one typed settings root: environment variables (LEAKY_*), an optional TOML file, defaults.
+
+Nested sections use `__` in environment names, e.g. `LEAKY_AUTH__JWT_TTL_SECONDS=600` or
+`LEAKY_PORTS__GATEWAY=9080`. `REDIS_URL` is also read without the prefix.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+SERVICES: tuple[str, ...] = ("gateway", "auth", "tokens", "analytics", "qwen", "gemini", "openai")
+PROVIDERS: tuple[str, ...] = ("openai", "qwen", "gemini")
+
+Port = int
+
+
+class Ports(BaseModel):
+    """Listening port per service; 0 asks the OS for a free one (used by tests)."""
+
+    gateway: Port = Field(8080, ge=0, le=65535)
+    auth: Port = Field(8081, ge=0, le=65535)
+    tokens: Port = Field(8082, ge=0, le=65535)
+    analytics: Port = Field(8083, ge=0, le=65535)
+    qwen: Port = Field(8091, ge=0, le=65535)
+    gemini: Port = Field(8092, ge=0, le=65535)
+    openai: Port = Field(8093, ge=0, le=65535)
+
+
+class Urls(BaseModel):
+    """Where each service is reached by the others. Empty means http://{host}:{port}."""
+
+    gateway: str = ""
+    auth: str = ""
+    tokens: str = ""
+    analytics: str = ""
+    qwen: str = ""
+    gemini: str = ""
+    openai: str = ""
+
+
+class AuthSettings(BaseModel):
+    database_url: str = ""
+    jwt_issuer: str = "leaky-tokens"
+    jwt_ttl_seconds: int = Field(3600, ge=30, le=7 * 24 * 3600)
+    signing_key_rotation_days: float = Field(30.0, gt=0)
+    signing_key_refresh_seconds: float = Field(30.0, gt=0)
+    password_min_length: int = Field(8, ge=4, le=128)
+    argon2_time_cost: int = Field(2, ge=1)
+    argon2_memory_kib: int = Field(19456, ge=1024)
+    argon2_parallelism: int = Field(1, ge=1)
+    login_max_failures_per_account: int = Field(5, ge=1)
+    login_max_failures_per_client: int = Field(20, ge=1)
+    login_failure_window_seconds: int = Field(900, ge=1)
+
+
+class AuthClientSettings(BaseModel):
+    """How services other than auth verify callers."""
+
+    api_key_cache_seconds: float = Field(2.0, ge=0)
+    jwks_min_refresh_seconds: float = Field(5.0, ge=0)
+    timeout_seconds: float = Field(3.0, gt=0)
+
+
+class TokensSettings(BaseModel):
+    database_url: str = ""
+
+
+class AnalyticsSettings(BaseModel):
+    database_url: str = ""
+
+
+class GatewaySettings(BaseModel):
+    upstream_timeout_seconds: float = Field(10.0, gt=0)
+    health_timeout_seconds: float = Field(2.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LEAKY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    host: str = "127.0.0.1"
+    data_dir: Path = Path("var")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    auto_migrate: bool = True
+    redis_url: str = Field("", validation_alias=AliasChoices("LEAKY_REDIS_URL", "REDIS_URL"))
+    admin_username: str = ""
+    admin_password: str = ""
+    admin_email: str = ""
+    ports: Ports = Ports()
+    urls: Urls = Urls()
+    auth: AuthSettings = AuthSettings()
+    auth_client: AuthClientSettings = AuthClientSettings()
+    tokens: TokensSettings = TokensSettings()
+    analytics: AnalyticsSettings = AnalyticsSettings()
+    gateway: GatewaySettings = GatewaySettings()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    def database_url(self, service: str) -> str:
+        """The service's own database: its setting, else a SQLite file in the data directory."""
+        configured: str = getattr(self, service).database_url
+        if configured:
+            return configured
+        return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').as_posix()}"
+
+    def url_of(self, service: str) -> str:
+        configured: str = getattr(self.urls, service)
+        if configured:
+            return configured.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host  # noqa: S104
+        return f"http://{host}:{getattr(self.ports, service)}"
+
+    def with_ports(self, ports: dict[str, int]) -> Settings:
+        """A copy with the ports the OS actually gave (when 0 was asked for)."""
+        return self.model_copy(update={"ports": self.ports.model_copy(update=ports)})
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message names each bad setting."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings once (CLI entry). Environment wins over the TOML file."""
+    try:
+        if config_file is not None:
+            if not config_file.is_file():
+                raise SettingsError(f"config file not found: {config_file}")
+            try:
+                tomllib.loads(config_file.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from exc
+            bound = type(
+                "FileSettings",
+                (Settings,),
+                {"model_config": {**Settings.model_config, "toml_file": config_file}},
+            )
+            loaded: Settings = bound(**overrides)
+            return loaded
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc

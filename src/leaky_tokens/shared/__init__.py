@@ -1,0 +1,1 @@
+"""Infrastructure shared by two or more services; no business rules live here."""

@@ -1,0 +1,116 @@
+"""The error hierarchy every service raises, and the one place errors become HTTP bodies.
+
+Body (DESIGN.md): {"message", "timestamp", "code", "requestId"} plus optional "details".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+
+class AppError(Exception):
+    """A domain error that knows its HTTP status and machine-readable code."""
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "INVALID_REQUEST"
+    default_message: ClassVar[str] = "invalid request"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Sequence[Mapping[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.details = list(details) if details else None
+        self.headers = dict(headers) if headers else {}
+        self.extra = dict(extra) if extra else {}
+        super().__init__(self.message)
+
+
+class InvalidRequest(AppError):
+    status = 400
+    code = "INVALID_REQUEST"
+    default_message = "invalid request"
+
+
+class Unauthenticated(AppError):
+    status = 401
+    code = "AUTH_REQUIRED"
+    default_message = "authentication required"
+
+
+class InvalidToken(Unauthenticated):
+    code = "AUTH_INVALID_TOKEN"
+    default_message = "invalid bearer token"
+
+
+class ExpiredToken(Unauthenticated):
+    code = "AUTH_EXPIRED_TOKEN"
+    default_message = "bearer token has expired"
+
+
+class InvalidApiKey(Unauthenticated):
+    code = "AUTH_INVALID_KEY"
+    default_message = "invalid API key"
+
+
+class RevokedApiKey(Unauthenticated):
+    code = "AUTH_REVOKED_KEY"
+    default_message = "API key has been revoked"
+
+
+class ExpiredApiKey(Unauthenticated):
+    code = "AUTH_EXPIRED_KEY"
+    default_message = "API key has expired"
+
+
+class Forbidden(AppError):
+    status = 403
+    code = "FORBIDDEN"
+    default_message = "not allowed"
+
+
+class NotFound(AppError):
+    status = 404
+    code = "NOT_FOUND"
+    default_message = "not found"
+
+
+class MethodNotAllowed(AppError):
+    status = 405
+    code = "METHOD_NOT_ALLOWED"
+    default_message = "method not allowed"
+
+
+class Conflict(AppError):
+    status = 409
+    code = "CONFLICT"
+    default_message = "conflict"
+
+
+class PayloadTooLarge(AppError):
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+    default_message = "request body too large"
+
+
+class TooManyRequests(AppError):
+    status = 429
+    code = "RATE_LIMITED"
+    default_message = "too many requests"
+
+
+class ServiceUnavailable(AppError):
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+    default_message = "service unavailable"
+
+
+class InternalError(AppError):
+    status = 500
+    code = "INTERNAL_ERROR"
+    default_message = "internal server error"

@@ -1,0 +1,265 @@
+"""The HTTP envelope every service shares: request ids, security headers, access logs, metrics,
+body-size limits and the one error handler that renders DESIGN.md's error body.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from leaky_tokens.shared.clock import SystemClock, utc_iso
+from leaky_tokens.shared.errors import AppError
+from leaky_tokens.shared.request_context import current_request_id, new_request_id, set_request_id
+
+access_log = logging.getLogger("leaky_tokens.access")
+error_log = logging.getLogger("leaky_tokens.error")
+_clock = SystemClock()
+
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+)
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def error_body(
+    status: int,
+    code: str,
+    message: str,
+    details: Sequence[Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "message": message,
+        "timestamp": utc_iso(_clock.now()),
+        "code": code,
+        "requestId": current_request_id(),
+    }
+    if details:
+        body["details"] = list(details)
+    if extra:
+        body.update(extra)
+    return body
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    details: Sequence[Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Response:
+    return Response(
+        orjson.dumps(error_body(status, code, message, details, extra)),
+        status_code=status,
+        media_type="application/json",
+        headers=dict(headers) if headers else None,
+    )
+
+
+def _field_name(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "cookie")]
+    return ".".join(parts) if parts else str(loc[0]) if loc else "request"
+
+
+def describe_validation_errors(
+    errors: Sequence[Mapping[str, Any]],
+) -> tuple[str, list[dict[str, str]]]:
+    """Turn pydantic errors into one readable message and a per-field list."""
+    details: list[dict[str, str]] = []
+    for err in errors:
+        kind = err.get("type", "")
+        loc = err.get("loc", ())
+        if kind == "json_invalid":
+            return "malformed JSON body", [{"field": "body", "message": "malformed JSON body"}]
+        field = _field_name(loc)
+        if kind == "missing":
+            where = loc[0] if loc else "body"
+            noun = {"query": "query parameter", "header": "header"}.get(str(where), "field")
+            msg = f"missing required {noun}"
+        else:
+            msg = str(err.get("msg", "invalid value"))
+        details.append({"field": field, "message": msg})
+    missing = [d["field"] for d in details if d["message"].startswith("missing required")]
+    others = [f"{d['field']}: {d['message']}" for d in details if d["field"] not in missing]
+    parts = []
+    if missing:
+        parts.append("missing required " + ", ".join(missing))
+    parts.extend(others)
+    return "; ".join(parts) or "invalid request", details
+
+
+async def _app_error_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    return error_response(
+        exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers, extra=exc.extra
+    )
+
+
+async def _validation_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    message, details = describe_validation_errors(exc.errors())
+    return error_response(400, "INVALID_REQUEST", message, details=details)
+
+
+_HTTP_CODES = {
+    400: ("INVALID_REQUEST", "invalid request"),
+    404: ("NOT_FOUND", "no such resource"),
+    405: ("METHOD_NOT_ALLOWED", "method not allowed"),
+    413: ("PAYLOAD_TOO_LARGE", "request body too large"),
+}
+
+
+async def _http_exception_handler(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code, message = _HTTP_CODES.get(exc.status_code, ("HTTP_ERROR", "request failed"))
+    if exc.status_code == 400 and exc.detail:
+        message = str(exc.detail)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, code, message, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+
+
+class HttpMetrics:
+    """Per-service Prometheus registry (several services may share one process)."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests answered",
+            ["service", "method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            ["service", "method", "route"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.service = service
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class EnvelopeMiddleware:
+    """Outermost layer of every service: request id, security headers, body limit, metrics,
+    access log, and a 500 in our error shape for anything unexpected."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        service: str,
+        metrics: HttpMetrics,
+        log_access: bool = True,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.app = app
+        self.service = service
+        self.metrics = metrics
+        self.log_access = log_access
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        offered: str | None = None
+        content_length = -1
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                offered = value.decode("latin-1")
+            elif name == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    content_length = -1
+        request_id = new_request_id(offered)
+        set_request_id(request_id)
+        rid_header = (b"x-request-id", request_id.encode("latin-1"))
+        status_holder = [500]
+        response_started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status_holder[0] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append(rid_header)
+                headers.extend(SECURITY_HEADERS)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        received = 0
+        max_body = self.max_body_bytes
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > max_body:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            if content_length > max_body:
+                raise _BodyTooLarge
+            await self.app(scope, receive_limited, send_wrapper)
+        except _BodyTooLarge:
+            if not response_started:
+                await error_response(413, "PAYLOAD_TOO_LARGE", "request body too large")(
+                    scope, receive, send_wrapper
+                )
+        except Exception:
+            error_log.exception("unhandled error", extra={"service": self.service})
+            if not response_started:
+                await error_response(500, "INTERNAL_ERROR", "internal server error")(
+                    scope, receive, send_wrapper
+                )
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            route_path = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            status = status_holder[0]
+            self.metrics.requests.labels(self.service, method, route_path, str(status)).inc()
+            self.metrics.latency.labels(self.service, method, route_path).observe(elapsed)
+            if self.log_access:
+                access_log.info(
+                    "request",
+                    extra={
+                        "service": self.service,
+                        "method": method,
+                        "path": scope["path"],
+                        "status": status,
+                        "durationMs": round(elapsed * 1000, 3),
+                        "client": (scope.get("client") or ("", 0))[0],
+                    },
+                )
+            set_request_id(None)

@@ -1,0 +1,30 @@
+"""Who is calling: the identity every service authorises against."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+ADMIN = "ADMIN"
+USER = "USER"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: uuid.UUID
+    roles: frozenset[str]
+    org_ids: frozenset[uuid.UUID] = field(default_factory=frozenset)
+    method: Literal["jwt", "api_key"] = "jwt"
+    api_key_id: uuid.UUID | None = None
+    username: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN in self.roles
+
+    def may_act_for_user(self, user_id: uuid.UUID) -> bool:
+        return self.is_admin or self.user_id == user_id
+
+    def may_act_for_org(self, org_id: uuid.UUID) -> bool:
+        return self.is_admin or org_id in self.org_ids

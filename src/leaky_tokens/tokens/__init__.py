@@ -1,0 +1,1 @@
+"""Token service: quotas, leaky buckets, consumption, purchases."""
