@@ -44,9 +44,57 @@ def build_service_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
     app.add_middleware(EnvelopeMiddleware, service=service, metrics=metrics, log_access=log_access)
     return app
 
 
 async def no_lifespan(_: FastAPI) -> AsyncIterator[None]:
     yield
+
+
+ERROR_BODY_SCHEMA: dict[str, Any] = {
+    "title": "ErrorBody",
+    "type": "object",
+    "required": ["message", "timestamp", "code", "requestId"],
+    "properties": {
+        "message": {"type": "string"},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "code": {"type": "string", "examples": ["INVALID_REQUEST", "AUTH_INVALID_TOKEN"]},
+        "requestId": {"type": "string"},
+        "details": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+def _openapi_with_our_errors(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents validation failures as 422 with its own body; ours are 400 ErrorBody."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components["ErrorBody"] = ERROR_BODY_SCHEMA
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            responses = operation.setdefault("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "Invalid request"})
+            for code, response in responses.items():
+                if code[0] in "45":
+                    response["content"] = ref
+            responses.setdefault("default", {"description": "Error", "content": ref})
+    app.openapi_schema = schema
+    return schema

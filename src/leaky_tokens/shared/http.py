@@ -87,6 +87,9 @@ def describe_validation_errors(
         if kind == "json_invalid":
             return "malformed JSON body", [{"field": "body", "message": "malformed JSON body"}]
         field = _field_name(loc)
+        if tuple(loc) == ("body",) and kind in ("missing", "dict_type", "model_attributes_type"):
+            message = "request body must be a JSON object sent with Content-Type: application/json"
+            return message, [{"field": "body", "message": message}]
         if kind == "missing":
             where = loc[0] if loc else "body"
             noun = {"query": "query parameter", "header": "header"}.get(str(where), "field")
