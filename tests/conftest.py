@@ -1,54 +1,19 @@
-"""Fixtures shared by the whole suite: which real backends are reachable, fresh databases.
-
-SQLite and in-memory backends always run. PostgreSQL and Redis run when they answer on
-LEAKY_TEST_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/test) and
-LEAKY_TEST_REDIS_URL (default redis://127.0.0.1:6379/0); otherwise those variants are skipped
-with the reason. Set LEAKY_TEST_REQUIRE_SERVERS=1 (CI does) to fail instead of skipping.
-"""
+"""Fixtures shared by the whole suite (see tests/backends.py for which servers are used)."""
 
 from __future__ import annotations
 
-import os
 import socket
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-
-POSTGRES_URL = os.environ.get(
-    "LEAKY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+from tests.backends import (
+    REDIS_URL,
+    create_postgres_database,
+    drop_postgres_database,
+    need_postgres,
+    need_redis,
 )
-REDIS_URL = os.environ.get("LEAKY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRE_SERVERS = os.environ.get("LEAKY_TEST_REQUIRE_SERVERS") == "1"
-
-
-def _answers(url: str, default_port: int) -> bool:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 0.5):
-            return True
-    except OSError:
-        return False
-
-
-POSTGRES_UP = _answers(POSTGRES_URL, 5432)
-REDIS_UP = _answers(REDIS_URL, 6379)
-
-
-def need_postgres() -> None:
-    if not POSTGRES_UP:
-        if REQUIRE_SERVERS:
-            pytest.fail(f"PostgreSQL required but not answering at {POSTGRES_URL}")
-        pytest.skip(f"PostgreSQL not answering at {POSTGRES_URL}")
-
-
-def need_redis() -> None:
-    if not REDIS_UP:
-        if REQUIRE_SERVERS:
-            pytest.fail(f"Redis required but not answering at {REDIS_URL}")
-        pytest.skip(f"Redis not answering at {REDIS_URL}")
 
 
 @pytest.fixture
@@ -66,35 +31,6 @@ async def redis_client(redis_url: str) -> AsyncIterator[object]:
     await client.aclose()
 
 
-def _pg_url_for(database: str) -> str:
-    parts = urlsplit(POSTGRES_URL)
-    return parts._replace(path=f"/{database}").geturl()
-
-
-async def create_postgres_database(prefix: str) -> str:
-    """A fresh, empty PostgreSQL database; returns its asyncpg URL."""
-    import asyncpg
-
-    name = f"lt_{prefix}_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return _pg_url_for(name).replace("postgresql://", "postgresql+asyncpg://", 1)
-
-
-async def drop_postgres_database(url: str) -> None:
-    import asyncpg
-
-    name = urlsplit(url).path.lstrip("/")
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """An empty database of each backend (no schema; services migrate it)."""
@@ -110,8 +46,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 
 @pytest.fixture
-def free_port() -> Iterator[int]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    yield port
+        port: int = s.getsockname()[1]
+    return port
