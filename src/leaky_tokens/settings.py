@@ -73,6 +73,21 @@ class AuthClientSettings(BaseModel):
 
 class TokensSettings(BaseModel):
     database_url: str = ""
+    quota_window_seconds: int = Field(86400, ge=1)
+    bucket_capacity: int = Field(1000, ge=1)
+    bucket_leak_per_second: float = Field(10.0, gt=0)
+    # Per-role multipliers of bucket capacity and leak rate (the caller's best role counts).
+    role_multipliers: dict[str, float] = {"USER": 1.0, "ADMIN": 1.0}
+    max_quota_tokens: int = Field(10**12, ge=1)
+    reservation_ttl_seconds: float = Field(120.0, gt=0)
+    sweep_interval_seconds: float = Field(5.0, gt=0)
+    provider_timeout_seconds: float = Field(3.0, gt=0)
+    provider_attempts: int = Field(2, ge=1, le=5)
+    provider_max_concurrent: int = Field(64, ge=1)
+    breaker_window_size: int = Field(20, ge=1)
+    breaker_minimum_calls: int = Field(10, ge=1)
+    breaker_failure_rate: float = Field(0.5, gt=0, le=1)
+    breaker_open_seconds: float = Field(30.0, gt=0)
 
 
 class AnalyticsSettings(BaseModel):

@@ -85,7 +85,7 @@ class Process:
         self.ports = json.loads(self.ready_file.read_text())["ports"]
         return self
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 12) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:

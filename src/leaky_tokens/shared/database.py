@@ -4,6 +4,7 @@ for concurrent use (WAL, busy timeout), PostgreSQL through asyncpg, one session 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -88,13 +89,20 @@ class Database:
             # A write transaction takes SQLite's write lock up front: a deferred transaction that
             # reads and then writes fails with SQLITE_BUSY instead of waiting its turn.
             write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self.sessions = async_sessionmaker(write_engine, expire_on_commit=False)
         self.read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work that may write: commits when the block ends, rolls back on error."""
-        async with self.sessions() as session, session.begin():
+        if self._write_lock is None:
+            async with self.sessions() as session, session.begin():
+                yield session
+            return
+        # SQLite has one writer at a time. Queueing our own writers here is fair and cheap;
+        # letting them collide makes SQLite's busy handler sleep for up to 100 ms per retry.
+        async with self._write_lock, self.sessions() as session, session.begin():
             yield session
 
     @asynccontextmanager

@@ -6,6 +6,8 @@ Each service keeps its history in `leaky_tokens/migrations/<service>/` and its v
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,9 @@ from sqlalchemy.engine import Connection
 from leaky_tokens.shared.database import Database
 
 MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent / "migrations"
+# Alembic's `op` and `context` are process-wide proxies: two services migrating at once in one
+# process (leaky-tokens up) would overwrite each other's, so migrations take turns here.
+_PROCESS_LOCK = threading.Lock()
 
 
 def alembic_config(service: str, metadata: MetaData | None = None) -> Config:
@@ -39,6 +44,11 @@ def _upgrade(connection: Connection, cfg: Config, revision: str) -> None:
     command.upgrade(cfg, revision)
 
 
+async def _take_turn() -> None:
+    while not _PROCESS_LOCK.acquire(blocking=False):
+        await asyncio.sleep(0.01)
+
+
 def _current(connection: Connection, service: str) -> str | None:
     context = MigrationContext.configure(connection, opts={"version_table": version_table(service)})
     return context.get_current_revision()
@@ -47,6 +57,7 @@ def _current(connection: Connection, service: str) -> str | None:
 async def upgrade_database(url: str, service: str, revision: str = "head") -> None:
     """Bring the service's database to `revision`; safe to call from several replicas at once."""
     database = Database(url)
+    await _take_turn()
     try:
         async with database.engine.begin() as conn:
             if not database.is_sqlite:
@@ -55,6 +66,7 @@ async def upgrade_database(url: str, service: str, revision: str = "head") -> No
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
             await conn.run_sync(_upgrade, alembic_config(service), revision)
     finally:
+        _PROCESS_LOCK.release()
         await database.dispose()
 
 

@@ -1,38 +1,100 @@
-"""Assembles the token service."""
+"""Assembles the token service: database, leaky buckets (memory or Redis), provider client."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
+from redis.asyncio import Redis
 
-from leaky_tokens.settings import Settings
+from leaky_tokens.settings import PROVIDERS, Settings
 from leaky_tokens.shared.app import build_service_app
-from leaky_tokens.shared.authn import RemoteAuthenticator
-from leaky_tokens.shared.clock import SystemClock, utc_iso
+from leaky_tokens.shared.authn import Authenticator
+from leaky_tokens.shared.circuit_breaker import BreakerConfig
+from leaky_tokens.shared.clock import Clock, SystemClock
+from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.migrations import upgrade_database
+from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
+from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
+from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
+from leaky_tokens.tokens.router import router
+from leaky_tokens.tokens.service import TokenService
 
-router = APIRouter()
-_clock = SystemClock()
+log = logging.getLogger("leaky_tokens.tokens")
 
 
-@router.get("/api/v1/tokens/status", tags=["health"])
-async def status() -> dict[str, str]:
-    return {"service": "token-service", "status": "UP", "timestamp": utc_iso(_clock.now())}
+def provider_settings(settings: Settings) -> ProviderSettings:
+    t = settings.tokens
+    return ProviderSettings(
+        timeout_seconds=t.provider_timeout_seconds,
+        attempts=t.provider_attempts,
+        max_concurrent=t.provider_max_concurrent,
+        breaker=BreakerConfig(
+            window_size=t.breaker_window_size,
+            minimum_calls=t.breaker_minimum_calls,
+            failure_rate_threshold=t.breaker_failure_rate,
+            open_seconds=t.breaker_open_seconds,
+        ),
+    )
 
 
-def create_tokens_app(settings: Settings, *, authenticator: RemoteAuthenticator) -> FastAPI:
+async def _sweep_forever(service: TokenService, interval: float) -> None:
+    while True:
+        try:
+            swept = await service.sweep_expired_reservations()
+            if swept:
+                log.warning("refunded %d abandoned reservations", swept)
+        except Exception:
+            log.exception("reservation sweep failed")
+        await asyncio.sleep(interval)
+
+
+def create_tokens_app(
+    settings: Settings, *, authenticator: Authenticator, clock: Clock | None = None
+) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = settings.database_url("tokens")
+        if settings.auto_migrate:
+            await upgrade_database(url, "tokens")
+        database = Database(url)
+        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        buckets: LeakyBucketStore = (
+            RedisLeakyBucket(redis, prefix="lt:bucket:") if redis else MemoryLeakyBucket(clock)
+        )
+        providers = ProviderClient(
+            {p: settings.url_of(p) for p in PROVIDERS}, provider_settings(settings), clock=clock
+        )
+        service = TokenService(
+            database, settings.tokens, clock or SystemClock(), buckets, providers
+        )
+        app.state.token_service = service
         app.state.authenticator = authenticator
+        sweeper = asyncio.create_task(
+            _sweep_forever(service, settings.tokens.sweep_interval_seconds)
+        )
         try:
             yield
         finally:
-            await authenticator.aclose()
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await providers.aclose()
+            await buckets.close()
+            if redis is not None:
+                await redis.aclose()
+            aclose = getattr(authenticator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await database.dispose()
 
     return build_service_app(
         "tokens",
         title="Leaky Tokens — token service",
+        description="Quota pools, leaky-bucket consumption, provider calls, the outbox.",
         routers=[router],
         lifespan=lifespan,
         log_access=settings.access_log,

@@ -1,0 +1,86 @@
+"""ORM tables owned by the token service."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from leaky_tokens.shared.database import UtcDateTime
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class TokensBase(DeclarativeBase):
+    pass
+
+
+class TokenPool(TokensBase):
+    """A quota pool of one owner (a user or an organisation) for one provider."""
+
+    __tablename__ = "token_pool"
+    __table_args__ = (
+        UniqueConstraint("owner_kind", "owner_id", "provider", name="uq_token_pool_owner"),
+        CheckConstraint("remaining_tokens >= 0", name="ck_token_pool_remaining_nonneg"),
+        CheckConstraint("total_tokens >= 0", name="ck_token_pool_total_nonneg"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    owner_kind: Mapped[str] = mapped_column(String(8))  # "user" | "org"
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    provider: Mapped[str] = mapped_column(String(32))
+    total_tokens: Mapped[int] = mapped_column(BigInteger)
+    remaining_tokens: Mapped[int] = mapped_column(BigInteger)
+    reset_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Reservation(TokensBase):
+    """Tokens taken from a pool for a consume still in flight. Whoever deletes the row settles
+    it (commit or refund), so a refund happens at most once; expired rows are refunded by the
+    sweeper after a crash."""
+
+    __tablename__ = "token_reservation"
+    __table_args__ = (Index("ix_token_reservation_expires_at", "expires_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    pool_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    # The pool's reset_at when reserved: a refund after a window reset is dropped, because the
+    # new window started full.
+    pool_reset_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class OutboxEvent(TokensBase):
+    """Events written in the same transaction as the change they announce (relayed later)."""
+
+    __tablename__ = "token_outbox"
+    __table_args__ = (Index("ix_token_outbox_unpublished", "published_at", "id"),)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    stream: Mapped[str] = mapped_column(String(32))  # "usage" | "purchase"
+    event_type: Mapped[str] = mapped_column(String(64))
+    aggregate_id: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

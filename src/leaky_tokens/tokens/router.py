@@ -1,0 +1,158 @@
+"""HTTP routes of the token service (plan §2, §3.2, §4, §8.1)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from leaky_tokens.shared.authn import CurrentPrincipal
+from leaky_tokens.shared.errors import ServiceUnavailable
+from leaky_tokens.shared.request_context import current_request_id
+from leaky_tokens.tokens.schemas import (
+    ConsumeCreate,
+    ConsumeRead,
+    OrgQuotaRead,
+    OrgQuotaSet,
+    Provider,
+    QuotaRead,
+    QuotaSet,
+    StatusRead,
+)
+from leaky_tokens.tokens.service import (
+    ORG_POOL,
+    USER_POOL,
+    ConsumeRequest,
+    QuotaView,
+    TokenService,
+    rate_limit_headers,
+)
+
+router = APIRouter(prefix="/api/v1/tokens")
+
+
+def _service(request: Request) -> TokenService:
+    service: TokenService = request.app.state.token_service
+    return service
+
+
+@router.get("/status", tags=["health"])
+async def status(request: Request) -> StatusRead:
+    service = _service(request)
+    if not await service.db.ping():
+        raise ServiceUnavailable("token database unavailable")
+    return StatusRead(
+        service="token-service",
+        status="UP",
+        timestamp=service.clock.now(),
+        checks={"database": "UP"},
+        providers=service.providers.breaker_snapshots(),
+    )
+
+
+def _user_quota(view: QuotaView) -> QuotaRead:
+    return QuotaRead(
+        user_id=view.owner_id,
+        provider=view.provider,
+        total_tokens=view.total_tokens,
+        remaining_tokens=view.remaining_tokens,
+        reset_at=view.reset_at,
+        updated_at=view.updated_at,
+    )
+
+
+def _org_quota(view: QuotaView) -> OrgQuotaRead:
+    return OrgQuotaRead(
+        org_id=view.owner_id,
+        provider=view.provider,
+        total_tokens=view.total_tokens,
+        remaining_tokens=view.remaining_tokens,
+        reset_at=view.reset_at,
+        updated_at=view.updated_at,
+    )
+
+
+@router.get("/quota", tags=["quota"])
+async def get_user_quota(
+    request: Request,
+    principal: CurrentPrincipal,
+    user_id: Annotated[uuid.UUID, Query(alias="userId")],
+    provider: Annotated[Provider, Query()],
+) -> QuotaRead:
+    view = await _service(request).get_quota(principal, USER_POOL, user_id, provider)
+    return _user_quota(view)
+
+
+@router.get("/quota/org", tags=["quota"])
+async def get_org_quota(
+    request: Request,
+    principal: CurrentPrincipal,
+    org_id: Annotated[uuid.UUID, Query(alias="orgId")],
+    provider: Annotated[Provider, Query()],
+) -> OrgQuotaRead:
+    view = await _service(request).get_quota(principal, ORG_POOL, org_id, provider)
+    return _org_quota(view)
+
+
+@router.put("/quota", tags=["quota"])
+async def set_user_quota(
+    body: QuotaSet, request: Request, principal: CurrentPrincipal
+) -> QuotaRead:
+    view = await _service(request).set_quota(
+        principal,
+        USER_POOL,
+        body.user_id,
+        body.provider,
+        total=body.total_tokens,
+        remaining=body.remaining_tokens,
+        reset_at=body.reset_at,
+    )
+    return _user_quota(view)
+
+
+@router.put("/quota/org", tags=["quota"])
+async def set_org_quota(
+    body: OrgQuotaSet, request: Request, principal: CurrentPrincipal
+) -> OrgQuotaRead:
+    view = await _service(request).set_quota(
+        principal,
+        ORG_POOL,
+        body.org_id,
+        body.provider,
+        total=body.total_tokens,
+        remaining=body.remaining_tokens,
+        reset_at=body.reset_at,
+    )
+    return _org_quota(view)
+
+
+@router.post(
+    "/consume",
+    tags=["consumption"],
+    responses={
+        402: {"description": "insufficient token quota (nothing deducted)"},
+        429: {"description": "leaky bucket full: allowed=false, waitSeconds>0, Retry-After"},
+        502: {"description": "provider call failed (quota and bucket refunded)"},
+    },
+)
+async def consume(
+    body: ConsumeCreate, request: Request, response: Response, principal: CurrentPrincipal
+) -> ConsumeRead:
+    result = await _service(request).consume_tokens(
+        principal,
+        ConsumeRequest(body.user_id, body.org_id, body.provider, body.tokens, body.prompt),
+        current_request_id(),
+    )
+    response.headers.update(rate_limit_headers(result.decision, result.at))
+    decision = result.decision
+    return ConsumeRead(
+        allowed=True,
+        capacity=decision.capacity,
+        used=decision.used,
+        remaining=decision.remaining,
+        wait_seconds=0,
+        timestamp=result.at,
+        provider_response=result.provider_response,
+        quota_remaining=result.quota_remaining,
+    )

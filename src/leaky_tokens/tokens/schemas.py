@@ -1,0 +1,82 @@
+"""Request and response bodies of the token service (the plan's field names)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import Field, StrictInt, StringConstraints
+
+from leaky_tokens.shared.schemas import ApiModel, RequestModel, UtcInput
+
+# Bigger than any sane request; the bucket capacity is the real per-request ceiling.
+MAX_TOKENS = 2**31 - 1
+Provider = Annotated[
+    str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=32)
+]
+
+
+class ConsumeCreate(RequestModel):
+    user_id: uuid.UUID
+    org_id: uuid.UUID | None = None
+    provider: Provider
+    tokens: Annotated[StrictInt, Field(gt=0, le=MAX_TOKENS, description="Tokens to consume")]
+    prompt: Annotated[str, StringConstraints(max_length=100_000)] | None = None
+
+
+class ConsumeRead(ApiModel):
+    allowed: bool
+    capacity: int
+    used: int
+    remaining: int
+    wait_seconds: float
+    timestamp: datetime
+    provider_response: dict[str, Any]
+    quota_remaining: int = Field(description="Tokens left in the pool charged by this request")
+
+
+class QuotaRead(ApiModel):
+    user_id: uuid.UUID
+    provider: str
+    total_tokens: int
+    remaining_tokens: int
+    reset_at: datetime
+    updated_at: datetime
+
+
+class OrgQuotaRead(ApiModel):
+    org_id: uuid.UUID
+    provider: str
+    total_tokens: int
+    remaining_tokens: int
+    reset_at: datetime
+    updated_at: datetime
+
+
+class _QuotaSet(RequestModel):
+    provider: Provider
+    total_tokens: Annotated[StrictInt, Field(ge=0, le=10**12)]
+    remaining_tokens: Annotated[StrictInt, Field(ge=0, le=10**12)] | None = None
+    reset_at: UtcInput | None = None
+
+
+class QuotaSet(_QuotaSet):
+    user_id: uuid.UUID
+
+
+class OrgQuotaSet(_QuotaSet):
+    org_id: uuid.UUID
+
+
+class ProviderBreaker(ApiModel):
+    state: str
+    failure_rate: float | None = None
+
+
+class StatusRead(ApiModel):
+    service: str
+    status: str
+    timestamp: datetime
+    checks: dict[str, str]
+    providers: dict[str, dict[str, Any]]
