@@ -10,7 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -88,6 +95,12 @@ class TokensSettings(BaseModel):
     breaker_minimum_calls: int = Field(10, ge=1)
     breaker_failure_rate: float = Field(0.5, gt=0, le=1)
     breaker_open_seconds: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _breaker_reachable(self) -> TokensSettings:
+        if self.breaker_minimum_calls > self.breaker_window_size:
+            raise ValueError("breaker_minimum_calls must not exceed breaker_window_size")
+        return self
 
 
 class AnalyticsSettings(BaseModel):

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from leaky_tokens.settings import PROVIDERS, Settings
+from leaky_tokens.settings import PROVIDERS, Settings, TokensSettings
 from leaky_tokens.shared.app import build_service_app
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
@@ -26,8 +26,7 @@ from leaky_tokens.tokens.service import TokenService
 log = logging.getLogger("leaky_tokens.tokens")
 
 
-def provider_settings(settings: Settings) -> ProviderSettings:
-    t = settings.tokens
+def provider_settings(t: TokensSettings) -> ProviderSettings:
     return ProviderSettings(
         timeout_seconds=t.provider_timeout_seconds,
         attempts=t.provider_attempts,
@@ -66,7 +65,9 @@ def create_tokens_app(
             RedisLeakyBucket(redis, prefix="lt:bucket:") if redis else MemoryLeakyBucket(clock)
         )
         providers = ProviderClient(
-            {p: settings.url_of(p) for p in PROVIDERS}, provider_settings(settings), clock=clock
+            {p: settings.url_of(p) for p in PROVIDERS},
+            provider_settings(settings.tokens),
+            clock=clock,
         )
         service = TokenService(
             database, settings.tokens, clock or SystemClock(), buckets, providers
