@@ -171,6 +171,66 @@ def rotate_signing_key(config: ConfigOption = None) -> None:
     raise typer.Exit(_run(run()))
 
 
+@admin.command("set-quota")
+def set_quota(
+    provider: Annotated[str, typer.Option(help="openai, qwen or gemini")],
+    total: Annotated[int, typer.Option(min=0, help="totalTokens of the pool")],
+    user_id: Annotated[str | None, typer.Option("--user-id", help="A user's pool")] = None,
+    org_id: Annotated[str | None, typer.Option("--org-id", help="An organisation's pool")] = None,
+    remaining: Annotated[
+        int | None, typer.Option(min=0, help="remainingTokens (default: total)")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create or replace a quota pool (what the plan does with SQL inserts)."""
+    import uuid
+
+    from leaky_tokens.shared.errors import AppError
+
+    if (user_id is None) == (org_id is None):
+        _fail("give exactly one of --user-id or --org-id")
+    try:
+        owner = uuid.UUID(user_id or org_id or "")
+    except ValueError:
+        _fail("--user-id/--org-id must be a UUID")
+        return
+    settings = _settings(config)
+
+    async def run() -> int:
+        from leaky_tokens.shared.clock import SystemClock
+        from leaky_tokens.shared.database import Database
+        from leaky_tokens.shared.migrations import upgrade_database
+        from leaky_tokens.tokens.service import TokenService
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.database_url("tokens")
+        await upgrade_database(url, "tokens")
+        database = Database(url)
+        try:
+            # Only the quota methods are used: no bucket store or provider client is needed.
+            service = TokenService(database, settings.tokens, SystemClock(), None, None)  # type: ignore[arg-type]
+            view = await service.put_quota(
+                "user" if user_id else "org",
+                owner,
+                provider,
+                total=total,
+                remaining=remaining,
+                reset_at=None,
+            )
+        except AppError as exc:
+            typer.echo(f"leaky-tokens: {exc.message}", err=True)
+            return 1
+        finally:
+            await database.dispose()
+        typer.echo(
+            f"{view.kind} {view.owner_id} {view.provider}: total={view.total_tokens} "
+            f"remaining={view.remaining_tokens} resets {view.reset_at.isoformat()}"
+        )
+        return 0
+
+    raise typer.Exit(_run(run()))
+
+
 def _auth_service(settings: Settings):  # type: ignore[no-untyped-def]
     import contextlib
 
