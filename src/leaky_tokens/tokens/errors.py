@@ -21,6 +21,12 @@ class TokensExceedCapacity(InvalidRequest):
     code = "TOKENS_EXCEED_CAPACITY"
 
 
+class RemainingExceedsTotal(InvalidRequest):
+    """A pool cannot hold more tokens than its total (admin API and CLI)."""
+
+    code = "INVALID_REQUEST"
+
+
 class QuotaNotFound(NotFound):
     code = "QUOTA_NOT_FOUND"
     default_message = "no quota for this owner and provider"

@@ -27,6 +27,7 @@ from leaky_tokens.tokens.errors import (
     InsufficientQuota,
     QuotaNotFound,
     RateLimited,
+    RemainingExceedsTotal,
     TokensExceedCapacity,
     UnknownProvider,
 )
@@ -181,6 +182,11 @@ class TokenService:
     ) -> QuotaView:
         """Create or replace a pool (admin API and CLI)."""
         check_provider(provider)
+        if remaining is not None and remaining > total:
+            message = f"remainingTokens ({remaining}) must not exceed totalTokens ({total})"
+            raise RemainingExceedsTotal(
+                message, details=[{"field": "remainingTokens", "message": message}]
+            )
         now = self.clock.now()
         async with self.db.transaction() as session:
             pool = await TokensRepository(session).upsert_pool(
