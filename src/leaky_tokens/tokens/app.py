@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from leaky_tokens.settings import PROVIDERS, Settings, TokensSettings
 from leaky_tokens.shared.app import build_service_app
@@ -17,6 +16,7 @@ from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
+from leaky_tokens.shared.redis import redis_client
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
@@ -60,7 +60,7 @@ def create_tokens_app(
         if settings.auto_migrate:
             await upgrade_database(url, "tokens")
         database = Database(url)
-        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        redis = redis_client(settings.redis_url) if settings.redis_url else None
         buckets: LeakyBucketStore = (
             RedisLeakyBucket(redis, prefix="lt:bucket:") if redis else MemoryLeakyBucket(clock)
         )

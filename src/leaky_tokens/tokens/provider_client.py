@@ -20,6 +20,12 @@ from leaky_tokens.shared.circuit_breaker import (
 )
 from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.errors import AppError
+from leaky_tokens.shared.outbound import (
+    AiohttpOutbound,
+    HttpxOutbound,
+    Outbound,
+    OutboundError,
+)
 from leaky_tokens.shared.resilience import Bulkhead, BulkheadFull, retry
 
 log = logging.getLogger(__name__)
@@ -109,14 +115,14 @@ class ProviderClient:
             )
             for provider, base_url in base_urls.items()
         }
-        # httpx limits are for the whole pool, and each provider's bulkhead admits
+        # The pool limit is for all providers, and each provider's bulkhead admits
         # max_concurrent calls, so the pool never makes a bulkhead-admitted call queue.
         connections = settings.max_concurrent * max(1, len(self._routes))
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(settings.timeout_seconds),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            headers={"accept": "application/json", "user-agent": "leaky-tokens"},
+        headers = {"accept": "application/json", "user-agent": "leaky-tokens"}
+        self._http: Outbound = (
+            HttpxOutbound(transport, headers=headers)
+            if transport is not None
+            else AiohttpOutbound(max_connections=connections, headers=headers)
         )
 
     async def __aenter__(self) -> ProviderClient:
@@ -197,21 +203,19 @@ class ProviderClient:
             # httpx's timeout applies per network operation; this one bounds the whole try,
             # so a provider that trickles its answer cannot hold the caller longer.
             async with asyncio.timeout(timeout):
-                response = await self._http.post(route.url, json=payload)
-        except (TimeoutError, httpx.TimeoutException):
+                response = await self._http.post_json(route.url, payload)
+        except TimeoutError:
             raise _ProviderFault(f"no answer within {timeout:g}s") from None
         # The exception texts may carry the URL; the reasons stay generic on purpose.
-        except httpx.TransportError:
+        except OutboundError:
             raise _ProviderFault("provider unreachable") from None
-        except httpx.RequestError:
-            raise _ProviderFault("provider answer could not be read") from None
-        status = response.status_code
+        status = response.status
         if 400 <= status < 500:
             return _Rejected(status)
         if not 200 <= status < 300:
             raise _ProviderFault(f"provider answered {status}", upstream_status=status)
         try:
-            body = orjson.loads(response.content)
+            body = orjson.loads(response.body)
         except orjson.JSONDecodeError:
             raise _ProviderFault("provider answered a body that is not JSON") from None
         if not isinstance(body, dict):
