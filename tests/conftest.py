@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from tests.backends import (
     REDIS_URL,
     create_postgres_database,

@@ -19,9 +19,9 @@ from leaky_tokens.shared.clock import SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.principal import Principal
+from leaky_tokens.tokens.app import provider_settings
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
-from leaky_tokens.tokens.app import provider_settings
 from leaky_tokens.tokens.provider_client import ProviderClient
 from leaky_tokens.tokens.service import USER_POOL, TokenService
 from tests.backends import (
