@@ -95,6 +95,19 @@ class TokensSettings(BaseModel):
     breaker_minimum_calls: int = Field(10, ge=1)
     breaker_failure_rate: float = Field(0.5, gt=0, le=1)
     breaker_open_seconds: float = Field(30.0, gt=0)
+    # Purchases (the saga)
+    max_purchase_tokens: int = Field(10_000_000, ge=1)
+    flags: dict[str, bool] = Field(
+        default_factory=dict,
+        description="Feature flags applied at start-up, e.g. {\"saga.simulate-failure\": true}",
+    )
+    saga_poll_interval_seconds: float = Field(0.5, gt=0)
+    saga_lease_seconds: float = Field(15.0, gt=0)
+    saga_max_attempts: int = Field(5, ge=1)
+    saga_retry_base_seconds: float = Field(0.5, gt=0)
+    # Test hook: end the process (as SIGKILL would) right after committing this saga event
+    # (e.g. "PaymentReserved", "TokensAllocated", "PaymentReleased"). Never set in production.
+    saga_crash_after: str = ""
 
     @model_validator(mode="after")
     def _breaker_reachable(self) -> TokensSettings:

@@ -17,9 +17,12 @@ from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import redis_client
+from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
+from leaky_tokens.tokens.payments import StubPaymentGateway
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
+from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator
 from leaky_tokens.tokens.router import router
 from leaky_tokens.tokens.service import TokenService
 
@@ -69,20 +72,35 @@ def create_tokens_app(
             provider_settings(settings.tokens),
             clock=clock,
         )
-        service = TokenService(
-            database, settings.tokens, clock or SystemClock(), buckets, providers
+        the_clock = clock or SystemClock()
+        service = TokenService(database, settings.tokens, the_clock, buckets, providers)
+        flags = FeatureFlags(database, the_clock)
+        for name, enabled in settings.tokens.flags.items():
+            await flags.set(name, enabled)
+        orchestrator = SagaOrchestrator(
+            database,
+            settings.tokens,
+            the_clock,
+            flags,
+            StubPaymentGateway(database, the_clock, flags),
         )
         app.state.token_service = service
-        app.state.authenticator = authenticator
-        sweeper = asyncio.create_task(
-            _sweep_forever(service, settings.tokens.sweep_interval_seconds)
+        app.state.purchase_service = PurchaseService(
+            database, settings.tokens, the_clock, flags, orchestrator.wake
         )
+        app.state.authenticator = authenticator
+        background = [
+            asyncio.create_task(_sweep_forever(service, settings.tokens.sweep_interval_seconds)),
+            asyncio.create_task(orchestrator.run_forever()),
+        ]
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await providers.aclose()
             await buckets.close()
             if redis is not None:
@@ -95,7 +113,9 @@ def create_tokens_app(
     return build_service_app(
         "tokens",
         title="Leaky Tokens — token service",
-        description="Quota pools, leaky-bucket consumption, provider calls, the outbox.",
+        description=(
+            "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
+        ),
         routers=[router],
         lifespan=lifespan,
         log_access=settings.access_log,

@@ -34,3 +34,25 @@ class QuotaNotFound(NotFound):
 
 class UnknownProvider(InvalidRequest):
     code = "INVALID_REQUEST"
+
+
+class IdempotencyConflict(AppError):
+    status = 409
+    code = "IDEMPOTENCY_CONFLICT"
+    default_message = "Idempotency-Key was already used with a different request"
+
+
+class SagaNotFound(NotFound):
+    code = "SAGA_NOT_FOUND"
+    default_message = "purchase not found"
+
+
+class PurchasesDisabled(AppError):
+    status = 503
+    code = "PURCHASES_DISABLED"
+    default_message = "purchases are switched off (feature flag saga.purchases-enabled)"
+
+
+class UnknownFlag(NotFound):
+    code = "FLAG_NOT_FOUND"
+    default_message = "no such feature flag"

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Index,
     Integer,
@@ -84,3 +85,59 @@ class OutboxEvent(TokensBase):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class PurchaseSaga(TokensBase):
+    """One token purchase, driven step by step by the orchestrator.
+
+    Forward: STARTED -> PAYMENT_RESERVED -> TOKENS_ALLOCATED -> COMPLETED. On failure the saga
+    turns COMPENSATING and undoes what its flags say was done, then ends FAILED. Every change is
+    a conditional UPDATE on (status, lease_owner), so only the lease holder moves it, once.
+    """
+
+    __tablename__ = "purchase_saga"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key", name="uq_purchase_saga_user_key"),
+        Index("ix_purchase_saga_due", "status", "next_attempt_at"),
+        Index("ix_purchase_saga_user_created", "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(24))
+    payment_reserved: Mapped[bool] = mapped_column(Boolean, default=False)
+    tokens_allocated: Mapped[bool] = mapped_column(Boolean, default=False)
+    failure_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class FeatureFlag(TokensBase):
+    """Runtime switches shared by every replica (changed without a restart)."""
+
+    __tablename__ = "feature_flag"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class StubPaymentOperation(TokensBase):
+    """The in-process payment stub's ledger: one row per (saga, step), so a retried call never
+    charges, captures or releases twice."""
+
+    __tablename__ = "stub_payment_operation"
+
+    saga_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    step: Mapped[str] = mapped_column(String(16), primary_key=True)  # reserve|capture|release
+    amount: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -58,3 +58,41 @@ def usage_event(
         created_at=now,
         published_at=None,
     )
+
+
+def purchase_event(
+    event_type: str,
+    *,
+    saga_id: uuid.UUID,
+    user_id: uuid.UUID,
+    org_id: uuid.UUID | None,
+    provider: str,
+    tokens: int,
+    status: str,
+    now: datetime,
+    reason: str | None = None,
+) -> OutboxEvent:
+    """A step or compensation of a purchase saga (stream `purchase`, never counted as usage)."""
+    event_id = uuid.uuid4()
+    payload: dict[str, Any] = {
+        "eventId": str(event_id),
+        "type": event_type,
+        "sagaId": str(saga_id),
+        "userId": str(user_id),
+        "orgId": str(org_id) if org_id else None,
+        "provider": provider,
+        "tokens": tokens,
+        "status": status,
+        "occurredAt": utc_iso(now),
+    }
+    if reason:
+        payload["reason"] = reason
+    return OutboxEvent(
+        event_id=event_id,
+        stream=PURCHASE,
+        event_type=event_type,
+        aggregate_id=str(saga_id),
+        payload=payload,
+        created_at=now,
+        published_at=None,
+    )

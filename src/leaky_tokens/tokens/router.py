@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from leaky_tokens.shared.authn import CurrentPrincipal
-from leaky_tokens.shared.errors import ServiceUnavailable
+from leaky_tokens.shared.errors import Forbidden, ServiceUnavailable
+from leaky_tokens.shared.pagination import Page, PageParams, page_of
 from leaky_tokens.shared.request_context import current_request_id
+from leaky_tokens.tokens.models import PurchaseSaga
+from leaky_tokens.tokens.purchase_saga import PurchaseRequest, PurchaseService
 from leaky_tokens.tokens.schemas import (
     ConsumeCreate,
     ConsumeRead,
+    FlagsRead,
+    FlagUpdate,
     OrgQuotaRead,
     OrgQuotaSet,
     Provider,
+    PurchaseAccepted,
+    PurchaseCreate,
+    PurchaseRead,
     QuotaRead,
     QuotaSet,
     StatusRead,
@@ -38,7 +46,7 @@ def _service(request: Request) -> TokenService:
 
 
 @router.get("/status", tags=["health"])
-async def status(request: Request) -> StatusRead:
+async def service_status(request: Request) -> StatusRead:
     service = _service(request)
     if not await service.db.ping():
         raise ServiceUnavailable("token database unavailable")
@@ -156,3 +164,92 @@ async def consume(
         provider_response=result.provider_response,
         quota_remaining=result.quota_remaining,
     )
+
+
+def _purchases(request: Request) -> PurchaseService:
+    service: PurchaseService = request.app.state.purchase_service
+    return service
+
+
+def _purchase_read(saga: PurchaseSaga) -> PurchaseRead:
+    return PurchaseRead(
+        id=saga.id,
+        user_id=saga.user_id,
+        org_id=saga.org_id,
+        provider=saga.provider,
+        tokens=saga.tokens,
+        idempotency_key=saga.idempotency_key,
+        status=saga.status,
+        failure_reason=saga.failure_reason,
+        created_at=saga.created_at,
+        updated_at=saga.updated_at,
+    )
+
+
+@router.post(
+    "/purchase",
+    status_code=status.HTTP_202_ACCEPTED,
+    tags=["purchases"],
+    responses={
+        409: {"description": "Idempotency-Key reused with a different payload"},
+        503: {"description": "purchases switched off (flag saga.purchases-enabled)"},
+    },
+)
+async def start_purchase(
+    body: PurchaseCreate,
+    request: Request,
+    principal: CurrentPrincipal,
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="Replays with the same key and payload return the same saga"),
+    ] = None,
+) -> PurchaseAccepted:
+    saga, _ = await _purchases(request).start_purchase(
+        principal,
+        PurchaseRequest(body.user_id, body.org_id, body.provider, body.tokens),
+        idempotency_key,
+    )
+    return PurchaseAccepted(saga_id=saga.id, status=saga.status, created_at=saga.created_at)
+
+
+@router.get("/purchase/{reference}", tags=["purchases"])
+async def get_purchase(
+    reference: str, request: Request, principal: CurrentPrincipal
+) -> PurchaseRead:
+    """`reference` is the saga id or the caller's Idempotency-Key."""
+    return _purchase_read(await _purchases(request).get_purchase(principal, reference))
+
+
+@router.get("/purchase/{reference}/events", tags=["purchases"])
+async def get_purchase_events(
+    reference: str, request: Request, principal: CurrentPrincipal
+) -> dict[str, Any]:
+    """The saga's outbox trail: each step and compensation, oldest first."""
+    events = await _purchases(request).purchase_events(principal, reference)
+    return {"items": events, "count": len(events)}
+
+
+@router.get("/purchases", tags=["purchases"])
+async def list_purchases(
+    request: Request, principal: CurrentPrincipal, page: PageParams
+) -> Page[PurchaseRead]:
+    sagas, total = await _purchases(request).list_purchases(principal, page)
+    return Page[PurchaseRead].model_validate(
+        page_of([_purchase_read(s) for s in sagas], page, total)
+    )
+
+
+@router.get("/admin/flags", tags=["admin"])
+async def get_flags(request: Request, principal: CurrentPrincipal) -> FlagsRead:
+    if not principal.is_admin:
+        raise Forbidden("only an ADMIN may read feature flags")
+    return FlagsRead(flags=await _purchases(request).flags.all())
+
+
+@router.put("/admin/flags/{name}", tags=["admin"])
+async def set_flag(
+    name: str, body: FlagUpdate, request: Request, principal: CurrentPrincipal
+) -> FlagsRead:
+    if not principal.is_admin:
+        raise Forbidden("only an ADMIN may change feature flags")
+    return FlagsRead(flags=await _purchases(request).flags.set(name, body.enabled))

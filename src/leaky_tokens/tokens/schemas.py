@@ -80,3 +80,37 @@ class StatusRead(ApiModel):
     timestamp: datetime
     checks: dict[str, str]
     providers: dict[str, dict[str, Any]]
+
+
+class PurchaseCreate(RequestModel):
+    user_id: uuid.UUID
+    org_id: uuid.UUID | None = None
+    provider: Provider
+    tokens: Annotated[StrictInt, Field(gt=0, le=MAX_TOKENS, description="Tokens to buy")]
+
+
+class PurchaseAccepted(ApiModel):
+    saga_id: uuid.UUID
+    status: str
+    created_at: datetime
+
+
+class PurchaseRead(ApiModel):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    org_id: uuid.UUID | None
+    provider: str
+    tokens: int
+    idempotency_key: str | None
+    status: str
+    failure_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class FlagUpdate(RequestModel):
+    enabled: bool
+
+
+class FlagsRead(ApiModel):
+    flags: dict[str, bool]

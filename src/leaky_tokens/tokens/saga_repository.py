@@ -1,0 +1,225 @@
+"""Every SQL statement of purchases: sagas, their leases, feature flags and the payment stub."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from leaky_tokens.tokens.models import (
+    FeatureFlag,
+    OutboxEvent,
+    PurchaseSaga,
+    StubPaymentOperation,
+    TokenPool,
+)
+
+TERMINAL = ("COMPLETED", "FAILED")
+
+
+def _insert_for(session: AsyncSession) -> Any:
+    dialect = session.get_bind().dialect.name
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+class SagaRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # sagas
+    async def add(self, saga: PurchaseSaga) -> bool:
+        """False when (user, idempotency key) already has a saga (the unique constraint)."""
+        try:
+            async with self.session.begin_nested():
+                self.session.add(saga)
+                await self.session.flush()
+        except IntegrityError:
+            return False
+        return True
+
+    async def by_id(self, saga_id: uuid.UUID) -> PurchaseSaga | None:
+        return await self.session.get(PurchaseSaga, saga_id)
+
+    async def by_key(self, user_id: uuid.UUID, key: str) -> PurchaseSaga | None:
+        rows = await self.session.execute(
+            select(PurchaseSaga).where(
+                PurchaseSaga.user_id == user_id, PurchaseSaga.idempotency_key == key
+            )
+        )
+        return rows.scalar_one_or_none()
+
+    async def page_of_user(
+        self, user_id: uuid.UUID, offset: int, limit: int
+    ) -> tuple[Sequence[PurchaseSaga], int]:
+        total = await self.session.scalar(
+            select(func.count()).select_from(PurchaseSaga).where(PurchaseSaga.user_id == user_id)
+        )
+        rows = await self.session.execute(
+            select(PurchaseSaga)
+            .where(PurchaseSaga.user_id == user_id)
+            .order_by(PurchaseSaga.created_at.desc(), PurchaseSaga.id)
+            .offset(offset)
+            .limit(limit)
+        )
+        return rows.scalars().all(), int(total or 0)
+
+    async def claim_due(
+        self, owner: str, now: datetime, lease: timedelta, limit: int
+    ) -> list[uuid.UUID]:
+        """Lease up to `limit` due sagas to `owner`. On PostgreSQL, FOR UPDATE SKIP LOCKED lets
+        replicas claim side by side without waiting on or double-taking each other's rows."""
+        candidates = (
+            select(PurchaseSaga.id)
+            .where(
+                PurchaseSaga.status.not_in(TERMINAL),
+                PurchaseSaga.next_attempt_at <= now,
+                or_(PurchaseSaga.lease_expires_at.is_(None), PurchaseSaga.lease_expires_at < now),
+            )
+            .order_by(PurchaseSaga.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = list((await self.session.execute(candidates)).scalars())
+        if not ids:
+            return []
+        await self.session.execute(
+            update(PurchaseSaga)
+            .where(PurchaseSaga.id.in_(ids))
+            .values(lease_owner=owner, lease_expires_at=now + lease)
+            .execution_options(synchronize_session=False)
+        )
+        return ids
+
+    async def move(
+        self,
+        saga_id: uuid.UUID,
+        owner: str,
+        expected_status: str,
+        now: datetime,
+        **values: Any,
+    ) -> bool:
+        """Change a saga only if it is still in `expected_status` and leased to `owner`
+        (a fence: a driver whose lease lapsed and was taken over changes nothing)."""
+        result = await self.session.execute(
+            update(PurchaseSaga)
+            .where(
+                PurchaseSaga.id == saga_id,
+                PurchaseSaga.status == expected_status,
+                PurchaseSaga.lease_owner == owner,
+            )
+            .values(updated_at=now, **values)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def release_lease(self, saga_id: uuid.UUID, owner: str) -> None:
+        await self.session.execute(
+            update(PurchaseSaga)
+            .where(PurchaseSaga.id == saga_id, PurchaseSaga.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
+
+    async def events_of(self, saga_id: uuid.UUID) -> list[dict[str, Any]]:
+        rows = await self.session.execute(
+            select(OutboxEvent.payload)
+            .where(OutboxEvent.stream == "purchase", OutboxEvent.aggregate_id == str(saga_id))
+            .order_by(OutboxEvent.id)
+        )
+        return [dict(p) for p in rows.scalars()]
+
+    # pools
+    async def add_to_pool(
+        self,
+        kind: str,
+        owner_id: uuid.UUID,
+        provider: str,
+        tokens: int,
+        now: datetime,
+        window: timedelta,
+    ) -> None:
+        """Add purchased tokens to a pool's total and remaining, creating it if absent."""
+        insert = _insert_for(self.session)
+        statement = insert(TokenPool).values(
+            id=uuid.uuid4(),
+            owner_kind=kind,
+            owner_id=owner_id,
+            provider=provider,
+            total_tokens=tokens,
+            remaining_tokens=tokens,
+            reset_at=now + window,
+            created_at=now,
+            updated_at=now,
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=["owner_kind", "owner_id", "provider"],
+            set_={
+                "total_tokens": TokenPool.total_tokens + tokens,
+                "remaining_tokens": TokenPool.remaining_tokens + tokens,
+                "updated_at": now,
+            },
+        )
+        await self.session.execute(statement)
+
+    async def take_from_pool(
+        self, kind: str, owner_id: uuid.UUID, provider: str, tokens: int, now: datetime
+    ) -> None:
+        """Undo an allocation. Tokens already consumed cannot be taken back: floors at zero."""
+        await self.session.execute(
+            update(TokenPool)
+            .where(
+                TokenPool.owner_kind == kind,
+                TokenPool.owner_id == owner_id,
+                TokenPool.provider == provider,
+            )
+            .values(
+                total_tokens=case(
+                    (TokenPool.total_tokens >= tokens, TokenPool.total_tokens - tokens), else_=0
+                ),
+                remaining_tokens=case(
+                    (TokenPool.remaining_tokens >= tokens, TokenPool.remaining_tokens - tokens),
+                    else_=0,
+                ),
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+    # feature flags
+    async def flags(self) -> dict[str, bool]:
+        rows = await self.session.execute(select(FeatureFlag.name, FeatureFlag.enabled))
+        return {name: bool(enabled) for name, enabled in rows.all()}
+
+    async def set_flag(self, name: str, enabled: bool, now: datetime) -> None:
+        insert = _insert_for(self.session)
+        statement = insert(FeatureFlag).values(name=name, enabled=enabled, updated_at=now)
+        statement = statement.on_conflict_do_update(
+            index_elements=["name"], set_={"enabled": enabled, "updated_at": now}
+        )
+        await self.session.execute(statement)
+
+    # the payment stub's ledger
+    async def record_payment_operation(
+        self, saga_id: uuid.UUID, step: str, amount: int, now: datetime
+    ) -> bool:
+        """True the first time (saga, step) is seen; a repeat is a no-op."""
+        insert = _insert_for(self.session)
+        statement = (
+            insert(StubPaymentOperation)
+            .values(saga_id=saga_id, step=step, amount=amount, created_at=now)
+            .on_conflict_do_nothing(index_elements=["saga_id", "step"])
+        )
+        result = await self.session.execute(statement)
+        return bool(getattr(result, "rowcount", 0))
+
+    async def payment_steps(self, saga_id: uuid.UUID) -> set[str]:
+        rows = await self.session.execute(
+            select(StubPaymentOperation.step).where(StubPaymentOperation.saga_id == saga_id)
+        )
+        return set(rows.scalars())
