@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from leaky_tokens.auth.router import router
 from leaky_tokens.auth.service import AuthService
@@ -19,6 +18,7 @@ from leaky_tokens.shared.counters import MemoryWindowCounter, RedisWindowCounter
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.principal import Principal
+from leaky_tokens.shared.redis import redis_client
 
 log = logging.getLogger("leaky_tokens.auth")
 
@@ -53,11 +53,15 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
         if settings.auto_migrate:
             await upgrade_database(url, "auth")
         database = Database(url)
-        redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+        redis = redis_client(settings.redis_url) if settings.redis_url else None
+        service_clock = clock or SystemClock()
+        # The in-memory login windows run on the service's clock, so tests can move time.
         throttle: WindowCounter = (
-            RedisWindowCounter(redis, prefix="lt:auth:") if redis else MemoryWindowCounter()
+            RedisWindowCounter(redis, prefix="lt:auth:")
+            if redis
+            else MemoryWindowCounter(service_clock)
         )
-        service = AuthService(database, settings.auth, clock or SystemClock(), throttle)
+        service = AuthService(database, settings.auth, service_clock, throttle)
         await service.ensure_signing_key()
         if settings.admin_username and settings.admin_password:
             email = settings.admin_email or f"{settings.admin_username}@localhost.localdomain"

@@ -64,8 +64,14 @@ class KeyRing:
         if not newest_first:
             raise RuntimeError("no signing key")
         current = newest_first[0]
-        private = serialization.load_pem_private_key(current.private_pem.encode(), password=None)
-        assert isinstance(private, RSAPrivateKey)
+        if self._signing is not None and self._signing[0] == current.kid:
+            # Reloads run every few seconds; parsing a PEM re-validates the RSA key, which costs
+            # ~70 ms of CPU on the event loop, so an unchanged signing key is kept as it is.
+            private = self._signing[1]
+        else:
+            loaded = serialization.load_pem_private_key(current.private_pem.encode(), password=None)
+            assert isinstance(loaded, RSAPrivateKey)
+            private = loaded
         active = newest_first[:2]
         self._signing = (current.kid, private)
         self._verifying = {m.kid: _public_from_jwk(m.public_jwk) for m in active}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,6 +42,8 @@ from leaky_tokens.shared.principal import ADMIN, USER, Principal
 
 OWNER = "OWNER"
 MEMBER = "MEMBER"
+
+log = logging.getLogger("leaky_tokens.auth")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,13 @@ class AuthService:
         async with self.db.transaction() as session:
             repo = AuthRepository(session)
             await repo.lock_signing_keys()
-            material = generate_key_material(self.clock.now())
+            newest = await repo.newest_signing_keys(1)
+            now = self.clock.now()
+            # Keys are ranked by creation time: the new one must sort first even when this
+            # replica's clock lags the one that made the previous key, or has not moved since.
+            if newest and now <= newest[0].created_at:
+                now = newest[0].created_at + timedelta(microseconds=1)
+            material = generate_key_material(now)
             await repo.add_signing_key(material)
         await self.reload_signing_keys()
         return material.kid
@@ -139,12 +148,22 @@ class AuthService:
         return IssuedSession(user, self._issue(user, []))
 
     async def ensure_admin(self, username: str, email: str, password: str) -> User:
-        """Bootstrap an ADMIN from settings: create it, or grant ADMIN to the existing account."""
+        """Bootstrap an ADMIN from settings: create it, or grant ADMIN to the existing account
+        when the configured password is that account's own."""
         async with self.db.transaction() as session:
             repo = AuthRepository(session)
             existing = await repo.user_by_username(username)
             if existing is not None:
                 if ADMIN not in existing.roles:
+                    # Anyone may have registered the name before it was configured: only the
+                    # holder of the configured password proves the account is the operator's.
+                    if not await self.passwords.verify(existing.password_hash, password):
+                        log.error(
+                            "not granting ADMIN to existing account %r: its password is not the "
+                            "configured admin password",
+                            username,
+                        )
+                        return existing
                     await repo.set_roles(existing, [*existing.roles, ADMIN], self.clock.now())
                 return existing
         return await self.create_user(username, email, password, admin=True)

@@ -8,13 +8,14 @@ seconds) and asks the auth service to validate API keys (cached briefly).
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from typing import Annotated, Any, Protocol
 
 import httpx
+import jwt
 from fastapi import Depends, Request
 
+from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.errors import (
     AppError,
     ExpiredApiKey,
@@ -90,7 +91,9 @@ class RemoteAuthenticator:
         jwks_min_refresh_seconds: float = 5.0,
         timeout_seconds: float = 3.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock = clock or SystemClock()
         self._client = httpx.AsyncClient(
             base_url=auth_url, timeout=timeout_seconds, transport=transport
         )
@@ -119,16 +122,18 @@ class RemoteAuthenticator:
         async with self._jwks_lock:
             # An unknown kid triggers at most one fetch per interval, so forged kids can't
             # turn every request into a call to the auth service.
-            if time.monotonic() - self._jwks_fetched_at < self._min_refresh:
+            if self._clock.monotonic() - self._jwks_fetched_at < self._min_refresh:
                 return
             try:
                 response = await self._client.get("/oauth2/jwks")
                 response.raise_for_status()
                 keys = response.json()["keys"]
-            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                # An answer we cannot read is an unavailable auth service, not a 500.
+                found = {k["kid"]: public_key_from_jwk(k) for k in keys if "kid" in k}
+            except (httpx.HTTPError, KeyError, ValueError, TypeError, jwt.PyJWTError) as exc:
                 raise ServiceUnavailable("auth service unreachable for key lookup") from exc
-            self._keys = {k["kid"]: public_key_from_jwk(k) for k in keys if "kid" in k}
-            self._jwks_fetched_at = time.monotonic()
+            self._keys = found
+            self._jwks_fetched_at = self._clock.monotonic()
 
     def forget_api_key(self, raw_key: str | None = None) -> None:
         """Drop cached API-key answers (all of them when no key is named)."""
@@ -138,7 +143,7 @@ class RemoteAuthenticator:
             self._key_cache.pop(raw_key, None)
 
     async def from_api_key(self, raw_key: str) -> Principal:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         cached = self._key_cache.get(raw_key)
         if cached is not None and cached[0] > now:
             return cached[1]
@@ -153,7 +158,10 @@ class RemoteAuthenticator:
             raise _KEY_ERRORS.get(code, InvalidApiKey)()
         if response.status_code != 200:
             raise ServiceUnavailable("auth service could not validate the API key")
-        principal = principal_from_validation(response.json())
+        try:
+            principal = principal_from_validation(response.json())
+        except (KeyError, ValueError, TypeError) as exc:  # not an answer our auth service gives
+            raise ServiceUnavailable("auth service gave an unreadable API key answer") from exc
         if self._key_ttl > 0:
             if len(self._key_cache) > 100_000:
                 self._key_cache.clear()

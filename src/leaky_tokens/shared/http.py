@@ -34,6 +34,10 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 MAX_BODY_BYTES = 1024 * 1024
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
 def error_body(
     status: int,
     code: str,
@@ -129,6 +133,10 @@ _HTTP_CODES = {
 
 async def _http_exception_handler(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, _BodyTooLarge):
+        # FastAPI turns any failure while reading a body into a 400; a streamed body cut off by
+        # our size limit (no Content-Length to refuse it up front) is still a 413.
+        return error_response(413, "PAYLOAD_TOO_LARGE", "request body too large")
     code, message = _HTTP_CODES.get(exc.status_code, ("HTTP_ERROR", "request failed"))
     if exc.status_code == 400 and exc.detail:
         message = str(exc.detail)
@@ -161,10 +169,6 @@ class HttpMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
         self.service = service
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 class EnvelopeMiddleware:

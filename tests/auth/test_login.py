@@ -1,0 +1,307 @@
+"""Login (plan §1.2): the RS256 session token, one answer for every bad credential, throttling."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+
+import jwt
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from tests.auth.auth_harness import (
+    PASSWORD,
+    Account,
+    AuthClient,
+    StartAuth,
+    assert_error,
+    fresh_database,
+    now_clock,
+    running_auth,
+    unique,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+LOGIN = "/api/v1/auth/login"
+
+
+_addresses = itertools.count(1)
+
+
+def _new_ip() -> str:
+    """A client address no other test uses, so per-client counters don't meet."""
+    n = next(_addresses)
+    return f"10.{n // 65025 % 250}.{n // 255 % 255}.{n % 255 + 1}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["sqlite", "postgresql"])
+async def throttled(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AuthClient]:
+    """An auth service on a fake clock that throttles after 3 failures per account and 5 per
+    client in 600 s. Shared by the throttling tests: each uses its own accounts and address."""
+    directory = tmp_path_factory.mktemp("throttled")
+    async with (
+        fresh_database(request.param, directory) as url,
+        running_auth(
+            url,
+            directory,
+            clock=now_clock(),
+            login_max_failures_per_account=3,
+            login_max_failures_per_client=5,
+            login_failure_window_seconds=600,
+        ) as auth,
+    ):
+        yield auth
+
+
+async def _fail(auth: AuthClient, account: Account, times: int, ip: str) -> None:
+    for _ in range(times):
+        response = await auth.login(account.username, "wrong-password", client_ip=ip)
+        assert_error(response, 401, "AUTH_INVALID_CREDENTIALS")
+
+
+async def test_login_answers_200_with_a_user_session(auth: AuthClient) -> None:
+    account = await auth.register()
+
+    response = await auth.login(account.username, PASSWORD)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body == {
+        "userId": account.user_id,
+        "username": account.username,
+        "token": body["token"],
+        "roles": ["USER"],
+        "tokenType": "Bearer",
+        "expiresIn": 3600,
+    }
+    assert (await auth.me({"Authorization": f"Bearer {body['token']}"})).status_code == 200
+
+
+async def test_login_matches_the_username_case_insensitively(auth: AuthClient) -> None:
+    account = await auth.register(unique("TestUser"))
+
+    response = await auth.login(account.username.swapcase(), PASSWORD)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["userId"] == account.user_id
+    assert response.json()["username"] == account.username
+
+
+async def test_the_token_is_rs256_signed_by_the_key_the_jwks_publishes(auth: AuthClient) -> None:
+    account = await auth.register()
+    token = (await auth.login(account.username, PASSWORD)).json()["token"]
+
+    header = jwt.get_unverified_header(token)
+    published = {k["kid"]: k for k in await auth.jwks()}
+    assert header["alg"] == "RS256"
+    assert header["kid"] in published
+    jwk = published[header["kid"]]
+    assert jwk["kty"] == "RSA"
+    assert jwk["use"] == "sig"
+    assert jwk["alg"] == "RS256"
+    assert "d" not in jwk  # public half only
+    claims = jwt.decode(
+        token,
+        jwt.PyJWK(jwk).key,
+        algorithms=["RS256"],
+        issuer="leaky-tokens",
+        options={"require": ["sub", "roles", "iss", "iat", "exp", "jti"]},
+    )
+    assert claims["sub"] == account.user_id
+    assert claims["roles"] == ["USER"]
+    assert claims["username"] == account.username
+    assert claims["orgs"] == []
+    assert claims["exp"] - claims["iat"] == 3600
+
+
+async def test_each_login_issues_a_token_with_its_own_jti(auth: AuthClient) -> None:
+    account = await auth.register()
+
+    tokens = [(await auth.login(account.username, PASSWORD)).json()["token"] for _ in range(3)]
+
+    jtis = {jwt.decode(t, options={"verify_signature": False})["jti"] for t in tokens}
+    assert len(jtis) == 3
+
+
+async def test_token_lifetime_and_issuer_follow_the_settings(start_auth: StartAuth) -> None:
+    async with start_auth(jwt_ttl_seconds=120, jwt_issuer="https://auth.example") as auth:
+        account = await auth.register()
+        response = await auth.login(account.username, PASSWORD)
+
+        assert response.json()["expiresIn"] == 120
+        claims = jwt.decode(response.json()["token"], options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == 120
+        assert claims["iss"] == "https://auth.example"
+
+
+async def test_tokens_are_stamped_with_the_service_clock(start_auth: StartAuth) -> None:
+    clock = now_clock()
+    async with start_auth(clock=clock) as auth:
+        account = await auth.register()
+        claims = jwt.decode(account.token, options={"verify_signature": False})
+
+        assert claims["iat"] == int(clock.now().timestamp())
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_401(auth: AuthClient) -> None:
+    account = await auth.register()
+
+    wrong_password = await auth.login(account.username, "wrongpassword")
+    unknown_user = await auth.login(unique("nonexistent"), PASSWORD)
+
+    first = assert_error(wrong_password, 401, "AUTH_INVALID_CREDENTIALS")
+    second = assert_error(unknown_user, 401, "AUTH_INVALID_CREDENTIALS")
+    assert first["message"] == second["message"] == "invalid username or password"
+    assert set(first) == set(second)
+
+
+async def test_missing_login_fields_are_rejected_naming_each_field(auth: AuthClient) -> None:
+    response = await auth.http.post(LOGIN, json={})
+
+    body = assert_error(response, 400, "INVALID_REQUEST")
+    assert {d["field"] for d in body["details"]} == {"username", "password"}
+
+    response = await auth.http.post(LOGIN, json={"username": unique()})
+    body = assert_error(response, 400, "INVALID_REQUEST")
+    assert [d["field"] for d in body["details"]] == ["password"]
+
+
+async def test_an_empty_password_is_rejected_as_invalid(auth: AuthClient) -> None:
+    account = await auth.register()
+
+    response = await auth.http.post(LOGIN, json={"username": account.username, "password": ""})
+
+    body = assert_error(response, 400, "INVALID_REQUEST")
+    assert [d["field"] for d in body["details"]] == ["password"]
+
+
+async def test_an_account_is_throttled_after_max_failures_even_with_the_right_password(
+    throttled: AuthClient,
+) -> None:
+    account, ip = await throttled.register(), _new_ip()
+    await _fail(throttled, account, 3, ip)
+
+    response = await throttled.login(account.username, PASSWORD, client_ip=ip)
+
+    body = assert_error(response, 429, "LOGIN_THROTTLED")
+    assert response.headers["retry-after"] == "600"
+    assert body["retryAfterSeconds"] == 600
+    assert "try again later" in body["message"]
+
+
+async def test_retry_after_counts_down_with_the_failure_window(throttled: AuthClient) -> None:
+    assert throttled.clock is not None
+    account, ip = await throttled.register(), _new_ip()
+    await _fail(throttled, account, 3, ip)
+
+    throttled.clock.advance(250)
+    response = await throttled.login(account.username, PASSWORD, client_ip=ip)
+
+    assert_error(response, 429, "LOGIN_THROTTLED")
+    assert response.headers["retry-after"] == "350"
+
+
+async def test_the_throttle_lifts_when_the_failure_window_has_passed(
+    throttled: AuthClient,
+) -> None:
+    assert throttled.clock is not None
+    account, ip = await throttled.register(), _new_ip()
+    await _fail(throttled, account, 3, ip)
+
+    throttled.clock.advance(601)
+    response = await throttled.login(account.username, PASSWORD, client_ip=ip)
+
+    assert response.status_code == 200, response.text
+
+
+async def test_a_success_before_the_limit_resets_the_account_counter(
+    throttled: AuthClient,
+) -> None:
+    account = await throttled.register()
+    await _fail(throttled, account, 2, _new_ip())
+    assert (await throttled.login(account.username, PASSWORD, client_ip=_new_ip())).is_success
+
+    await _fail(throttled, account, 2, _new_ip())
+    response = await throttled.login(account.username, PASSWORD, client_ip=_new_ip())
+
+    assert response.status_code == 200, response.text
+
+
+async def test_throttling_one_account_leaves_other_accounts_alone(throttled: AuthClient) -> None:
+    victim, bystander = await throttled.register(), await throttled.register()
+    await _fail(throttled, victim, 3, _new_ip())
+
+    response = await throttled.login(bystander.username, PASSWORD, client_ip=_new_ip())
+
+    assert response.status_code == 200, response.text
+
+
+async def test_unknown_usernames_are_throttled_like_real_ones(throttled: AuthClient) -> None:
+    ghost, ip = unique("ghost"), _new_ip()
+    for _ in range(3):
+        response = await throttled.login(ghost, "guess", client_ip=ip)
+        assert_error(response, 401, "AUTH_INVALID_CREDENTIALS")
+
+    assert_error(await throttled.login(ghost, "guess", client_ip=ip), 429, "LOGIN_THROTTLED")
+
+
+async def test_a_client_is_throttled_after_max_failures_across_accounts(
+    throttled: AuthClient,
+) -> None:
+    attacker, elsewhere = _new_ip(), _new_ip()
+    accounts = [await throttled.register() for _ in range(3)]
+    await _fail(throttled, accounts[0], 2, attacker)
+    await _fail(throttled, accounts[1], 2, attacker)
+    await _fail(throttled, accounts[2], 1, attacker)  # 5 failures from one client
+
+    from_attacker = await throttled.login(accounts[2].username, PASSWORD, client_ip=attacker)
+    from_elsewhere = await throttled.login(accounts[2].username, PASSWORD, client_ip=elsewhere)
+
+    assert_error(from_attacker, 429, "LOGIN_THROTTLED")
+    assert from_attacker.headers["retry-after"] == "600"
+    assert from_elsewhere.status_code == 200, from_elsewhere.text
+
+
+async def test_a_successful_login_does_not_reset_the_client_counter(
+    throttled: AuthClient,
+) -> None:
+    ip = _new_ip()
+    accounts = [await throttled.register() for _ in range(3)]
+    await _fail(throttled, accounts[0], 2, ip)
+    await _fail(throttled, accounts[1], 2, ip)
+    assert (await throttled.login(accounts[2].username, PASSWORD, client_ip=ip)).status_code == 200
+    await _fail(throttled, accounts[2], 1, ip)
+
+    response = await throttled.login(accounts[2].username, PASSWORD, client_ip=ip)
+
+    assert_error(response, 429, "LOGIN_THROTTLED")
+
+
+async def test_replicas_share_login_throttling_through_redis(
+    start_auth: StartAuth, redis_url: str
+) -> None:
+    # Redis outlives the test run: an address no other run would pick.
+    username, ip = unique(), f"fd00::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+    settings = {"login_max_failures_per_account": 3, "login_failure_window_seconds": 60}
+    client = Redis.from_url(redis_url)
+    try:
+        async with (
+            start_auth(redis_url=redis_url, **settings) as first,
+            start_auth(redis_url=redis_url, **settings) as second,
+        ):
+            account = await first.register(username)
+            await _fail(first, account, 2, ip)
+            await _fail(second, account, 1, ip)
+
+            response = await first.login(username, PASSWORD, client_ip=ip)
+
+            assert_error(response, 429, "LOGIN_THROTTLED")
+            assert 1 <= int(response.headers["retry-after"]) <= 60
+    finally:
+        await client.delete(f"lt:auth:login:acct:{username.lower()}", f"lt:auth:login:client:{ip}")
+        await client.aclose()
