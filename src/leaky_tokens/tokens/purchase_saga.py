@@ -33,7 +33,7 @@ from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.models import PurchaseSaga
 from leaky_tokens.tokens.outbox import purchase_event
 from leaky_tokens.tokens.payments import PaymentError, PaymentGateway
-from leaky_tokens.tokens.repository import TokensRepository
+from leaky_tokens.tokens.repository import QuotaLedger
 from leaky_tokens.tokens.saga_repository import TERMINAL, SagaRepository
 from leaky_tokens.tokens.service import ORG_POOL, USER_POOL, TokenService, check_provider
 
@@ -138,7 +138,7 @@ class PurchaseService:
             existing = await repo.by_key(request.user_id, key) if key else None
             if existing is None:
                 if await repo.add(saga):
-                    await TokensRepository(session).add_event(
+                    await QuotaLedger(session).add_event(
                         _event("PurchaseStarted", saga, STARTED, now)
                     )
                     existing = None
@@ -295,9 +295,7 @@ class SagaOrchestrator:
                 return False  # someone else holds it now, or it already moved
             if on_commit is not None:
                 await on_commit(repo)
-            await TokensRepository(session).add_event(
-                _event(event_type, saga, to_status, now, reason)
-            )
+            await QuotaLedger(session).add_event(_event(event_type, saga, to_status, now, reason))
         if self.settings.saga_crash_after and self.settings.saga_crash_after == event_type:
             log.error("saga crash hook: exiting after %s of %s", event_type, saga.id)
             os._exit(137)

@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from leaky_tokens.shared.database import UtcDateTime
+from leaky_tokens.shared.database import Executes, UtcDateTime
 from leaky_tokens.tokens.models import OutboxEvent, Reservation, TokenPool
 
 
@@ -111,9 +111,12 @@ def _owner(kind: str, owner_id: uuid.UUID, provider: str) -> list[ColumnElement[
     ]
 
 
-class TokensRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+class QuotaLedger:
+    """The consume path's statements, each prebuilt; they need only `execute`, so they run on
+    a Core connection (half the cost of an ORM session) or inside a session alike."""
+
+    def __init__(self, executor: Executes) -> None:
+        self.session = executor
 
     async def reserve(
         self,
@@ -165,7 +168,18 @@ class TokensRepository:
             .order_by(Reservation.expires_at)
             .limit(limit)
         )
-        return rows.scalars().all()
+        return [uuid.UUID(str(value)) for value in rows.scalars()]
+
+    async def add_event(self, event: OutboxEvent) -> None:
+        # Core insert: an ORM add + flush cost more than the rest of the transaction.
+        row = _row_of(event)
+        row.pop("id", None)
+        await self.session.execute(_INSERT_EVENT, row)
+
+
+class TokensRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
 
     async def pool(self, kind: str, owner_id: uuid.UUID, provider: str) -> TokenPool | None:
         rows = await self.session.execute(
@@ -215,12 +229,6 @@ class TokensRepository:
         assert found is not None
         await self.session.refresh(found)
         return found
-
-    async def add_event(self, event: OutboxEvent) -> None:
-        # Core insert: an ORM add + flush cost more than the rest of the transaction.
-        row = _row_of(event)
-        row.pop("id", None)
-        await self.session.execute(_INSERT_EVENT, row)
 
     async def outbox(self, stream: str | None = None) -> Sequence[OutboxEvent]:
         query = select(OutboxEvent).order_by(OutboxEvent.id)

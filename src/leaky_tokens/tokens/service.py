@@ -35,7 +35,7 @@ from leaky_tokens.tokens.leaky_bucket import BucketConfig, BucketDecision, Leaky
 from leaky_tokens.tokens.models import Reservation, TokenPool
 from leaky_tokens.tokens.outbox import usage_event
 from leaky_tokens.tokens.provider_client import ProviderCallFailed, ProviderClient
-from leaky_tokens.tokens.repository import TokensRepository
+from leaky_tokens.tokens.repository import QuotaLedger, TokensRepository
 
 log = logging.getLogger("leaky_tokens.tokens")
 
@@ -226,8 +226,8 @@ class TokenService:
             "tokens": request.tokens,
             "request_id": request_id,
         }
-        async with self.db.transaction() as session:
-            repo = TokensRepository(session)
+        async with self.db.connection() as conn:
+            repo = QuotaLedger(conn)
             reserved = await repo.reserve(
                 kind, owner, request.provider, request.tokens, now, self.window
             )
@@ -296,8 +296,8 @@ class TokenService:
         extra: dict[str, Any],
     ) -> bool:
         now = self.clock.now()
-        async with self.db.transaction() as session:
-            repo = TokensRepository(session)
+        async with self.db.connection() as conn:
+            repo = QuotaLedger(conn)
             settled = await repo.settle(reservation_id)
             if settled is None:
                 return True  # someone else (the sweeper) settled it already
@@ -313,8 +313,8 @@ class TokenService:
         self, reservation_id: uuid.UUID, event_fields: dict[str, Any], answer: dict[str, Any]
     ) -> bool:
         now = self.clock.now()
-        async with self.db.transaction() as session:
-            repo = TokensRepository(session)
+        async with self.db.connection() as conn:
+            repo = QuotaLedger(conn)
             if await repo.settle(reservation_id) is None:
                 log.warning("reservation %s was swept before its commit", reservation_id)
             await repo.add_event(
@@ -329,13 +329,13 @@ class TokenService:
 
     async def sweep_expired_reservations(self, limit: int = 200) -> int:
         """Refund reservations whose consume never settled (a crash); safe on many replicas."""
-        async with self.db.read() as session:
-            expired = await TokensRepository(session).expired_reservations(self.clock.now(), limit)
+        async with self.db.connection() as conn:
+            expired = await QuotaLedger(conn).expired_reservations(self.clock.now(), limit)
         swept = 0
         for reservation_id in expired:
             now = self.clock.now()
-            async with self.db.transaction() as session:
-                repo = TokensRepository(session)
+            async with self.db.connection() as conn:
+                repo = QuotaLedger(conn)
                 settled = await repo.settle(reservation_id)
                 if settled is None:
                     continue
