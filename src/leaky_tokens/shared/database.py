@@ -143,7 +143,9 @@ class Database:
         else:
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = pool_size
-            kwargs["pool_pre_ping"] = True
+            # No pre-ping: it costs a round trip (0.28 ms here) per transaction; connections are
+            # recycled instead, and one broken by a server restart fails one transaction.
+            kwargs["pool_recycle"] = 300
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         write_engine = self.engine
         if self.is_sqlite:
