@@ -111,12 +111,19 @@ async def _measure(
     consume_url = f"http://127.0.0.1:{ports['tokens']}/api/v1/tokens/consume"
     if wrk.available():
         results = []
-        for name, url, hdrs, payload in (
-            (f"{label}: stub /chat (baseline)", stub_url, {}, {"prompt": "benchmark prompt"}),
-            (f"{label}: /consume", consume_url, headers, body),
+        tokens = f"http://127.0.0.1:{ports['tokens']}"
+        auth = f"http://127.0.0.1:{ports['auth']}"
+        quota_url = f"{tokens}/api/v1/tokens/quota?userId={user_id}&provider=openai"
+        for name, method, url, hdrs, payload in (
+            (f"{label}: stub /chat (baseline)", "POST", stub_url, {}, {"prompt": "benchmark"}),
+            (f"{label}: /consume", "POST", consume_url, headers, body),
+            (f"{label}: GET /tokens/quota", "GET", quota_url, headers, None),
+            (f"{label}: GET /tokens/status", "GET", f"{tokens}/api/v1/tokens/status", {}, None),
+            (f"{label}: GET /auth/health", "GET", f"{auth}/api/v1/auth/health", {}, None),
+            (f"{label}: GET /oauth2/jwks", "GET", f"{auth}/oauth2/jwks", {}, None),
         ):
             figures = wrk.run_wrk(
-                url, method="POST", body=payload, headers=hdrs, connections=concurrency
+                url, method=method, body=payload, headers=hdrs, connections=concurrency
             )
             results.append(
                 LoadResult(
