@@ -160,7 +160,9 @@ class PurchaseService:
             saga = None
             with contextlib.suppress(ValueError):
                 saga = await repo.by_id(uuid.UUID(reference))
-            if saga is None:
+            if saga is None or not principal.may_act_for_user(saga.user_id):
+                # Not an id the caller may see: it may be the caller's own key, even one that
+                # happens to look like a UUID.
                 saga = await repo.by_key(principal.user_id, reference.strip())
         if saga is None or not principal.may_act_for_user(saga.user_id):
             raise SagaNotFound()
