@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import consume
+from bench import bench_gateway, consume
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,6 +76,9 @@ def main() -> None:
                 f"  p95 {median['p95_ms']:.2f} ms  p99 {median['p99_ms']:.2f} ms"
                 f"  {median['statuses']}"
             )
+    if bench_gateway.wrk.available():
+        report["gateway"] = [row for shape in shapes for row in bench_gateway.run(shape, args.runs)]
+        bench_gateway.print_rows(report["gateway"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     print(f"written to {RESULTS / 'latest.json'}")

@@ -6,6 +6,7 @@ Nested sections use `__` in environment names, e.g. `LEAKY_AUTH__JWT_TTL_SECONDS
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +77,10 @@ class AuthClientSettings(BaseModel):
     api_key_cache_seconds: float = Field(2.0, ge=0)
     jwks_min_refresh_seconds: float = Field(5.0, ge=0)
     timeout_seconds: float = Field(3.0, gt=0)
+    # Cached API keys are dropped the moment the auth service's revocation feed (long-polled)
+    # or, with REDIS_URL, its pub/sub announcement says so; this is the least time between two
+    # reads of the feed (and the wait before asking again when it cannot be read).
+    revocation_poll_seconds: float = Field(0.3, gt=0, le=60)
 
 
 class TokensSettings(BaseModel):
@@ -120,9 +125,97 @@ class AnalyticsSettings(BaseModel):
     database_url: str = ""
 
 
+class EventsSettings(BaseModel):
+    """How events travel from the tokens outbox to analytics (issue 5).
+
+    transport "auto" picks Redis Streams when REDIS_URL is set, else HTTP push to analytics.
+    """
+
+    transport: Literal["auto", "http", "redis"] = "auto"
+    relay_enabled: bool = True
+    relay_batch_size: int = Field(200, ge=1, le=1000)
+    relay_poll_seconds: float = Field(0.025, gt=0, le=60)
+    relay_max_backoff_seconds: float = Field(30.0, gt=0)
+    publish_timeout_seconds: float = Field(10.0, gt=0)
+    stream_prefix: str = Field("lt:events:", min_length=1)
+    # A safety cap per stream; the consumer trims what every group has acknowledged.
+    stream_maxlen: int = Field(1_000_000, ge=1000)
+    consumer_group: str = Field("analytics", min_length=1)
+    reclaim_idle_seconds: float = Field(30.0, gt=0)
+
+
+class RouteLimit(BaseModel):
+    """A rate limit replacing the default for matching requests: `path` is exact or a prefix
+    ending in `/**`; `method` is one HTTP method or `*`. The most specific match wins."""
+
+    path: str = Field(pattern=r"^/")
+    method: str = "*"
+    limit: int = Field(ge=1)
+    window_seconds: int = Field(ge=1, le=86400)
+
+    @field_validator("method")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+
+# Reached without credentials at the gateway ("METHOD /path"; a trailing /** is a prefix).
+DEFAULT_PUBLIC_ROUTES: tuple[str, ...] = (
+    "POST /api/v1/auth/register",
+    "POST /api/v1/auth/login",
+    "GET /api/v1/auth/api-keys/validate",
+    "GET /api/v1/auth/jwks",
+    "GET /oauth2/jwks",
+    "GET /api/v1/auth/health",
+    "GET /api/v1/tokens/status",
+    "GET /api/v1/analytics/health",
+    "GET /api/v1/qwen/health",
+    "GET /api/v1/gemini/health",
+    "GET /api/v1/openai/health",
+)
+
+
 class GatewaySettings(BaseModel):
-    upstream_timeout_seconds: float = Field(10.0, gt=0)
+    upstream_timeout_seconds: float = Field(10.0, gt=0)  # connect + wait for each read
+    connect_timeout_seconds: float = Field(2.0, gt=0)
     health_timeout_seconds: float = Field(2.0, gt=0)
+    max_connections_per_upstream: int = Field(256, ge=1)
+    # Default limit per principal (API key, else user, else client IP).
+    rate_limit_requests: int = Field(120, ge=1)
+    rate_limit_window_seconds: int = Field(60, ge=1, le=86400)
+    route_limits: list[RouteLimit] = []
+    rate_limit_key_prefix: str = Field("lt:gw:", min_length=1)  # Redis keys
+    # Peers (IPs or CIDRs) whose X-Forwarded-For is believed; by default nobody's.
+    trusted_proxies: list[str] = []
+    public_routes: list[str] = list(DEFAULT_PUBLIC_ROUTES)
+    # Circuit breaker per upstream: connection errors, timeouts and 503s count as failures.
+    breaker_window_size: int = Field(20, ge=1)
+    breaker_minimum_calls: int = Field(10, ge=1)
+    breaker_failure_rate: float = Field(0.5, gt=0, le=1)
+    breaker_open_seconds: float = Field(30.0, ge=0)
+    breaker_half_open_calls: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _breaker_reachable(self) -> GatewaySettings:
+        if self.breaker_minimum_calls > self.breaker_window_size:
+            raise ValueError("breaker_minimum_calls must not exceed breaker_window_size")
+        return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # ValueError names the bad entry
+        return value
+
+    @field_validator("public_routes")
+    @classmethod
+    def _routes(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            method, _, path = entry.partition(" ")
+            if not method or not path.startswith("/"):
+                raise ValueError(f"{entry!r} is not 'METHOD /path'")
+        return value
 
 
 class Settings(BaseSettings):
@@ -139,6 +232,9 @@ class Settings(BaseSettings):
     access_log: bool = True
     auto_migrate: bool = True
     redis_url: str = Field("", validation_alias=AliasChoices("LEAKY_REDIS_URL", "REDIS_URL"))
+    # Shared secret of internal endpoints (event ingestion); empty: generated once and kept in
+    # data_dir/internal_token (0600), so processes sharing a data directory agree.
+    internal_token: str = ""
     admin_username: str = ""
     admin_password: str = ""
     admin_email: str = ""
@@ -148,6 +244,7 @@ class Settings(BaseSettings):
     auth_client: AuthClientSettings = AuthClientSettings()
     tokens: TokensSettings = TokensSettings()
     analytics: AnalyticsSettings = AnalyticsSettings()
+    events: EventsSettings = EventsSettings()
     gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("redis_url")
@@ -156,6 +253,12 @@ class Settings(BaseSettings):
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    @model_validator(mode="after")
+    def _redis_events_need_redis(self) -> Settings:
+        if self.events.transport == "redis" and not self.redis_url:
+            raise ValueError("events.transport 'redis' needs REDIS_URL")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -177,6 +280,12 @@ class Settings(BaseSettings):
         if configured:
             return configured
         return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').as_posix()}"
+
+    def event_transport(self) -> Literal["http", "redis"]:
+        """The event transport in use: the explicit setting, else Redis when REDIS_URL is set."""
+        if self.events.transport == "auto":
+            return "redis" if self.redis_url else "http"
+        return self.events.transport
 
     def url_of(self, service: str) -> str:
         configured: str = getattr(self.urls, service)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ from leaky_tokens.auth.router import router
 from leaky_tokens.auth.service import AuthService
 from leaky_tokens.settings import Settings
 from leaky_tokens.shared.app import build_service_app
+from leaky_tokens.shared.authn import announce_revocation
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.counters import MemoryWindowCounter, RedisWindowCounter, WindowCounter
 from leaky_tokens.shared.database import Database
@@ -62,6 +64,8 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
             else MemoryWindowCounter(service_clock)
         )
         service = AuthService(database, settings.auth, service_clock, throttle)
+        if redis is not None:
+            service.announce_revocation = functools.partial(announce_revocation, redis)
         await service.ensure_signing_key()
         if settings.admin_username and settings.admin_password:
             email = settings.admin_email or f"{settings.admin_username}@localhost.localdomain"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, Uuid
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, Uuid
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from leaky_tokens.shared.database import UtcDateTime
@@ -45,6 +45,20 @@ class ApiKey(AuthBase):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class ApiKeyRevocation(AuthBase):
+    """The revocation feed: one row per revoked key, `seq` in commit order (revocations take a
+    lock), so a reader that remembers the last `seq` it saw misses none."""
+
+    __tablename__ = "api_key_revocation"
+
+    seq: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    revoked_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class SigningKey(AuthBase):

@@ -12,7 +12,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from leaky_tokens.auth.jwt_tokens import KeyMaterial
-from leaky_tokens.auth.models import ApiKey, Organization, OrgMember, SigningKey, User
+from leaky_tokens.auth.models import (
+    ApiKey,
+    ApiKeyRevocation,
+    Organization,
+    OrgMember,
+    SigningKey,
+    User,
+)
 
 
 class DuplicateUser(Exception):
@@ -83,6 +90,33 @@ class AuthRepository:
             .limit(limit)
         )
         return rows.scalars().all(), int(total or 0)
+
+    # the revocation feed
+    async def add_revocation(self, key_id: uuid.UUID, at: datetime) -> int:
+        """Append to the feed; returns the row's `seq`. On PostgreSQL a transaction-scoped lock
+        makes `seq` order commit order, so a reader past `seq` N never sees a smaller one later
+        (SQLite has one writer at a time already)."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            await self.session.execute(
+                text("SELECT pg_advisory_xact_lock(:id)"),
+                {"id": zlib.crc32(b"leaky-tokens:api-key-revocations")},
+            )
+        row = ApiKeyRevocation(api_key_id=key_id, revoked_at=at)
+        self.session.add(row)
+        await self.session.flush()
+        return row.seq
+
+    async def revocations_after(self, seq: int, limit: int) -> list[tuple[int, uuid.UUID]]:
+        rows = await self.session.execute(
+            select(ApiKeyRevocation.seq, ApiKeyRevocation.api_key_id)
+            .where(ApiKeyRevocation.seq > seq)
+            .order_by(ApiKeyRevocation.seq)
+            .limit(limit)
+        )
+        return [(int(s), k) for s, k in rows.all()]
+
+    async def last_revocation_seq(self) -> int:
+        return int(await self.session.scalar(select(func.max(ApiKeyRevocation.seq))) or 0)
 
     # signing keys
     async def lock_signing_keys(self) -> None:

@@ -166,6 +166,23 @@ async def validate_api_key(
     )
 
 
+@router.get(f"{PREFIX}/api-keys/revocations", tags=["api keys"])
+async def api_key_revocations(
+    request: Request,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+    wait: Annotated[float, Query(ge=0, le=10)] = 0,
+) -> dict[str, Any]:
+    """The revocation feed other services follow to drop cached API keys at once: key ids
+    revoked after cursor `after` (without it, just the current cursor); with `wait`, an empty
+    answer waits up to that many seconds for one (long poll). Internal: ids only, and the
+    gateway does not route it."""
+    cursor, key_ids, more = await _service(request).revocations_after(
+        after, limit, wait_seconds=wait, gone=request.is_disconnected
+    )
+    return {"cursor": cursor, "revokedKeyIds": [str(k) for k in key_ids], "hasMore": more}
+
+
 @router.delete(f"{PREFIX}/api-keys", status_code=status.HTTP_204_NO_CONTENT, tags=["api keys"])
 async def revoke_api_key(
     request: Request,

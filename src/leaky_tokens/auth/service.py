@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -45,6 +48,8 @@ MEMBER = "MEMBER"
 
 log = logging.getLogger("leaky_tokens.auth")
 
+_FEED_RECHECK_SECONDS = 0.25  # a long poll re-reads the feed this often (other replicas' news)
+
 
 @dataclass(frozen=True)
 class IssuedSession:
@@ -71,6 +76,11 @@ class AuthService:
         self.settings = settings
         self.clock = clock
         self.throttle = throttle
+        # Told (seq, key id) after a revocation commits, e.g. to publish it on Redis; the feed
+        # (`revocations_after`) has it either way.
+        self.announce_revocation: Callable[[int, uuid.UUID], Awaitable[None]] | None = None
+        # Set (and replaced) on each revocation here, waking followers waiting on the feed.
+        self._revoked_here = asyncio.Event()
         self.keys = KeyRing(settings.jwt_issuer, settings.jwt_ttl_seconds)
         self.passwords = Passwords(
             settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism
@@ -258,14 +268,69 @@ class AuthService:
         self, principal: Principal, user_id: uuid.UUID, key_id: uuid.UUID
     ) -> ApiKey:
         self._authorise_for(principal, user_id)
+        seq: int | None = None
         async with self.db.transaction() as session:
-            key = await AuthRepository(session).api_key_of_user(user_id, key_id)
+            repo = AuthRepository(session)
+            key = await repo.api_key_of_user(user_id, key_id)
             if key is None:
                 raise ApiKeyNotFound()
             if key.revoked_at is None:
                 key.revoked_at = self.clock.now()
                 await session.flush()
+                seq = await repo.add_revocation(key.id, key.revoked_at)
+        if seq is not None:
+            self._revoked_here.set()
+            self._revoked_here = asyncio.Event()
+        if seq is not None and self.announce_revocation is not None:
+            try:
+                await self.announce_revocation(seq, key.id)
+            except Exception:
+                # Committed already; followers of the feed still learn it at their next poll.
+                log.exception("could not announce the revocation of API key %s", key.id)
         return key
+
+    async def revocations_after(
+        self,
+        seq: int | None,
+        limit: int,
+        *,
+        wait_seconds: float = 0.0,
+        gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> tuple[int, list[uuid.UUID], bool]:
+        """(cursor, key ids revoked after `seq`, more to come). Without `seq`: only the current
+        cursor, for a follower that starts now. A cursor below `seq` tells the follower the feed
+        is not the one it was following (a fresh database).
+
+        With `wait_seconds`, an empty answer is held back until a revocation comes (at once
+        for one made on this replica; others are read from the database every quarter second),
+        the time is up, or the follower is `gone`: a long poll, so followers learn of a
+        revocation at once without asking many times a second."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while True:
+            signal = self._revoked_here
+            found = await self._revocations_after(seq, limit)
+            left = deadline - loop.time()
+            if found[1] or seq is None or left <= 0 or (gone is not None and await gone()):
+                return found
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, _FEED_RECHECK_SECONDS)):
+                    await signal.wait()
+
+    async def _revocations_after(
+        self, seq: int | None, limit: int
+    ) -> tuple[int, list[uuid.UUID], bool]:
+        async with self.db.read() as session:
+            repo = AuthRepository(session)
+            if seq is None:
+                return await repo.last_revocation_seq(), [], False
+            rows = await repo.revocations_after(seq, limit + 1)
+            if not rows:
+                return min(seq, await repo.last_revocation_seq()), [], False
+        more = len(rows) > limit
+        rows = rows[:limit]
+        cursor = rows[-1][0] if rows else seq
+        return cursor, [key_id for _, key_id in rows], more
 
     async def validate_api_key(self, raw_key: str) -> ValidatedKey:
         if not api_keys.looks_like_key(raw_key):

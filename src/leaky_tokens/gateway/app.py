@@ -1,4 +1,8 @@
-"""Assembles the API gateway."""
+"""Assembles the API gateway: its own /health and /metrics, and the edge behind every other path.
+
+Everything the edge holds for the life of the process (one connection pool and one circuit
+breaker per upstream, the rate limiter, the authenticator) is opened in the lifespan.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,27 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import APIRouter, FastAPI, Request
-from starlette.responses import Response
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from leaky_tokens.gateway.edge import GatewayEdge, GatewayMetrics
 from leaky_tokens.gateway.health import HEALTH_PATHS, aggregate
-from leaky_tokens.settings import Settings
+from leaky_tokens.gateway.identity import EdgeAuthenticator
+from leaky_tokens.gateway.proxy import Upstream
+from leaky_tokens.gateway.rate_limit import (
+    HIT_SCRIPT,
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+)
+from leaky_tokens.gateway.redis_script import ScriptClient
+from leaky_tokens.gateway.routing import RouteTable
+from leaky_tokens.settings import GatewaySettings, Settings
 from leaky_tokens.shared.app import build_service_app
+from leaky_tokens.shared.authn import Authenticator
+from leaky_tokens.shared.circuit_breaker import BreakerConfig
+from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.http import error_response
 
 router = APIRouter()
@@ -19,30 +39,115 @@ router = APIRouter()
 
 @router.get("/health", tags=["health"])
 async def health(request: Request) -> Response:
-    report = await aggregate(request.app.state.health_client, request.app.state.upstreams)
+    """Every upstream's own health, asked in parallel, and each upstream's circuit breaker."""
+    report = await aggregate(request.app.state.health_client, request.app.state.upstream_urls)
+    edge: GatewayEdge = request.app.state.edge
+    report["circuitBreakers"] = {name: u.snapshot() for name, u in edge.upstreams.items()}
     if report["status"] == "UP":
-        from starlette.responses import JSONResponse
-
         return JSONResponse(report)
     return error_response(
         503, "SERVICE_UNAVAILABLE", "one or more upstream services are down", extra=report
     )
 
 
-def create_gateway_app(settings: Settings) -> FastAPI:
+def breaker_config(gateway: GatewaySettings) -> BreakerConfig:
+    return BreakerConfig(
+        window_size=gateway.breaker_window_size,
+        minimum_calls=gateway.breaker_minimum_calls,
+        failure_rate_threshold=gateway.breaker_failure_rate,
+        open_seconds=gateway.breaker_open_seconds,
+        half_open_max_calls=gateway.breaker_half_open_calls,
+    )
+
+
+class EdgeDispatch:
+    """Sends every path but the gateway's own straight to the edge, inside the envelope (request
+    id, metrics, access log) but past FastAPI's router and exception layers, which would only
+    add time to each proxied request."""
+
+    def __init__(self, app: ASGIApp, *, edge: GatewayEdge, own_paths: frozenset[str]) -> None:
+        self.app = app
+        self.edge = edge
+        self.own_paths = own_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.own_paths:
+            await self.edge(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def create_gateway_app(
+    settings: Settings, *, authenticator: Authenticator, clock: Clock | None = None
+) -> FastAPI:
+    clock = clock or SystemClock()
+    gateway = settings.gateway
+    edge_authenticator = EdgeAuthenticator(authenticator, clock=clock)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.upstreams = {name: settings.url_of(name) for name in HEALTH_PATHS}
-        app.state.health_client = httpx.AsyncClient(timeout=settings.gateway.health_timeout_seconds)
+        upstreams = {
+            name: Upstream(
+                name,
+                settings.url_of(name),
+                breaker=breaker_config(gateway),
+                clock=clock,
+                timeout_seconds=gateway.upstream_timeout_seconds,
+                connect_timeout_seconds=gateway.connect_timeout_seconds,
+                max_connections=gateway.max_connections_per_upstream,
+            )
+            for name in HEALTH_PATHS
+        }
+        memory = MemoryRateLimiter(clock)
+        limiter: RateLimiter = memory
+        if settings.redis_url:
+            limiter = RedisRateLimiter(
+                ScriptClient(settings.redis_url, HIT_SCRIPT),
+                prefix=gateway.rate_limit_key_prefix,
+                fallback=memory,
+            )
+        app.state.upstream_urls = {name: u.base_url for name, u in upstreams.items()}
+        app.state.health_client = httpx.AsyncClient(timeout=gateway.health_timeout_seconds)
         try:
+            edge.attach(edge_authenticator, limiter, upstreams)
             yield
         finally:
+            for upstream in upstreams.values():
+                await upstream.aclose()
             await app.state.health_client.aclose()
+            await limiter.aclose()
+            await edge_authenticator.aclose()
 
-    return build_service_app(
+    app = build_service_app(
         "gateway",
         title="Leaky Tokens — API gateway",
+        description=(
+            "One entry point: /api/v1/{auth,tokens,analytics,qwen,gemini,openai}/** with "
+            "authentication at the edge, per-principal rate limits and per-upstream circuit "
+            "breakers. Only the gateway's own endpoints are listed here."
+        ),
         routers=[router],
         lifespan=lifespan,
         log_access=settings.access_log,
     )
+    edge = GatewayEdge(
+        RouteTable(gateway),
+        GatewayMetrics(app.state.metrics.registry),
+        trusted_proxies=gateway.trusted_proxies,
+    )
+    app.state.edge = edge
+    own_paths = frozenset(
+        path
+        for path in (
+            "/health",
+            "/metrics",
+            app.openapi_url,
+            app.docs_url,
+            app.redoc_url,
+            app.swagger_ui_oauth2_redirect_url,
+        )
+        if path
+    )
+    # Innermost user middleware: right inside the envelope (which `add_middleware` would not do).
+    app.user_middleware.append(Middleware(EdgeDispatch, edge=edge, own_paths=own_paths))
+    return app

@@ -18,6 +18,10 @@ def remote_authenticator(settings: Settings) -> RemoteAuthenticator:
         api_key_cache_seconds=client.api_key_cache_seconds,
         jwks_min_refresh_seconds=client.jwks_min_refresh_seconds,
         timeout_seconds=client.timeout_seconds,
+        # A revoked key stops working at once, whatever the cache time (ARCHITECTURE.md,
+        # "Revocation is an event").
+        revocation_poll_seconds=client.revocation_poll_seconds,
+        redis_url=settings.redis_url,
     )
 
 
@@ -42,7 +46,7 @@ def _analytics(settings: Settings) -> FastAPI:
 def _gateway(settings: Settings) -> FastAPI:
     from leaky_tokens.gateway.app import create_gateway_app
 
-    return create_gateway_app(settings)
+    return create_gateway_app(settings, authenticator=remote_authenticator(settings))
 
 
 def _provider(name: str) -> Callable[[Settings], FastAPI]:

@@ -3,17 +3,28 @@
 The auth service verifies locally; the other services use `RemoteAuthenticator`, which checks JWTs
 against the auth service's JWKS (cached by kid, refetched on an unknown kid at most every few
 seconds) and asks the auth service to validate API keys (cached briefly).
+
+Revocation is an event, not a cache expiry: a `RemoteAuthenticator` that follows revocations
+long-polls the auth service's revocation feed (`GET /api/v1/auth/api-keys/revocations?after=N
+&wait=S`, answered the moment a revocation commits) or, with Redis, hears each revocation on a
+pub/sub channel and reads the feed every few seconds for anything missed; either way it drops
+the cached answers of revoked keys at once. While it cannot follow the feed it caches nothing,
+so a revocation it missed cannot outlive a request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 import httpx
 import jwt
+import orjson
 from fastapi import Depends, Request
+from redis.asyncio import Redis
 
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.errors import (
@@ -31,6 +42,22 @@ from leaky_tokens.shared.jwt_verify import (
     unverified_kid,
 )
 from leaky_tokens.shared.principal import Principal
+
+log = logging.getLogger("leaky_tokens.authn")
+
+REVOCATION_CHANNEL = "lt:auth:api-key-revocations"
+REVOCATION_FEED = "/api/v1/auth/api-keys/revocations"
+# With pub/sub the feed is still read this often, for anything published while unsubscribed.
+_PUSHED_FEED_CHECK_SECONDS = 5.0
+# How long one long poll of the feed may wait for news (short: it holds a request open, and a
+# server shutting down waits for open requests).
+_FEED_WAIT_SECONDS = 2.0
+_RECENT_REVOCATIONS = 10_000
+
+
+async def announce_revocation(redis: Redis, seq: int, key_id: uuid.UUID) -> None:
+    """Publish a committed revocation to every follower subscribed to Redis."""
+    await redis.publish(REVOCATION_CHANNEL, orjson.dumps({"seq": seq, "apiKeyId": str(key_id)}))
 
 
 class Authenticator(Protocol):
@@ -92,11 +119,16 @@ class RemoteAuthenticator:
         timeout_seconds: float = 3.0,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock | None = None,
+        revocation_poll_seconds: float | None = None,
+        redis_url: str = "",
     ) -> None:
+        """`revocation_poll_seconds` set: follow the revocation feed (and, with `redis_url`,
+        the pub/sub channel); None: cached key answers simply expire after their time."""
         self._clock = clock or SystemClock()
         self._client = httpx.AsyncClient(
             base_url=auth_url, timeout=timeout_seconds, transport=transport
         )
+        self._timeout = timeout_seconds
         self._issuer = issuer
         self._keys: dict[str, Any] = {}
         self._jwks_fetched_at = float("-inf")
@@ -104,8 +136,26 @@ class RemoteAuthenticator:
         self._min_refresh = jwks_min_refresh_seconds
         self._key_cache: dict[str, tuple[float, Principal]] = {}
         self._key_ttl = api_key_cache_seconds
+        self._poll = revocation_poll_seconds
+        self._redis_url = redis_url
+        self._cursor = 0
+        self._follower: asyncio.Task[None] | None = None
+        self._follow_lock = asyncio.Lock()
+        self._following = False  # the feed is being followed: cached answers are safe
+        self._raw_by_key_id: dict[uuid.UUID, str] = {}
+        self._recently_revoked: dict[uuid.UUID, None] = {}
+        self._validating: dict[str, asyncio.Future[Principal]] = {}
 
     async def aclose(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            try:
+                await self._follower
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: S110 - its failures were logged where they happened
+                pass
+            self._follower = None
         await self._client.aclose()
 
     async def from_bearer(self, token: str) -> Principal:
@@ -139,14 +189,54 @@ class RemoteAuthenticator:
         """Drop cached API-key answers (all of them when no key is named)."""
         if raw_key is None:
             self._key_cache.clear()
+            self._raw_by_key_id.clear()
         else:
             self._key_cache.pop(raw_key, None)
+
+    def forget_revoked(self, key_ids: list[uuid.UUID]) -> None:
+        """Drop the cached answers of these revoked keys, and refuse answers for them that were
+        already on their way from the auth service when the revocation arrived."""
+        for key_id in key_ids:
+            self._recently_revoked[key_id] = None
+            raw = self._raw_by_key_id.pop(key_id, None)
+            if raw is not None:
+                self._key_cache.pop(raw, None)
+        while len(self._recently_revoked) > _RECENT_REVOCATIONS:
+            del self._recently_revoked[next(iter(self._recently_revoked))]
 
     async def from_api_key(self, raw_key: str) -> Principal:
         now = self._clock.monotonic()
         cached = self._key_cache.get(raw_key)
         if cached is not None and cached[0] > now:
             return cached[1]
+        # One question to the auth service per key at a time: when a busy key's cached answer
+        # expires, the requests that arrive meanwhile wait for that one answer, not ask again.
+        pending = self._validating.get(raw_key)
+        if pending is not None:
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                return pending.result()
+        answer: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
+        self._validating[raw_key] = answer
+        try:
+            principal = await self._validate(raw_key, now)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                answer.set_exception(exc)
+                answer.exception()  # (retrieved: nobody may be waiting)
+            else:
+                answer.cancel()
+            raise
+        else:
+            answer.set_result(principal)
+            return principal
+        finally:
+            if self._validating.get(raw_key) is answer:
+                del self._validating[raw_key]
+
+    async def _validate(self, raw_key: str, now: float) -> Principal:
+        if self._poll is not None and self._follower is None:
+            await self._start_following()
         try:
             response = await self._client.get(
                 "/api/v1/auth/api-keys/validate", headers={"X-Api-Key": raw_key}
@@ -159,14 +249,129 @@ class RemoteAuthenticator:
         if response.status_code != 200:
             raise ServiceUnavailable("auth service could not validate the API key")
         try:
-            principal = principal_from_validation(response.json())
+            body = response.json()
+            principal = principal_from_validation(body)
+            expires_at = body.get("expiresAt")
+            life = (
+                (datetime.fromisoformat(expires_at) - self._clock.now()).total_seconds()
+                if expires_at
+                else self._key_ttl
+            )
         except (KeyError, ValueError, TypeError) as exc:  # not an answer our auth service gives
             raise ServiceUnavailable("auth service gave an unreadable API key answer") from exc
-        if self._key_ttl > 0:
+        if principal.api_key_id in self._recently_revoked:
+            raise RevokedApiKey()  # revoked while the auth service was answering
+        ttl = min(self._key_ttl, life)  # never cached past the key's own expiry
+        if ttl > 0 and (self._poll is None or self._following):
             if len(self._key_cache) > 100_000:
-                self._key_cache.clear()
-            self._key_cache[raw_key] = (now + self._key_ttl, principal)
+                self.forget_api_key()
+            self._key_cache[raw_key] = (now + ttl, principal)
+            if principal.api_key_id is not None:
+                self._raw_by_key_id[principal.api_key_id] = raw_key
         return principal
+
+    # -- following revocations ---------------------------------------------------------------
+
+    async def _start_following(self) -> None:
+        """Learn the feed's cursor before the first key is validated, so no revocation that
+        commits after that validation read can be missed; then follow in the background."""
+        async with self._follow_lock:
+            if self._follower is not None:
+                return
+            self._cursor, _, _ = await self._read_feed(None)
+            self._following = True
+            self._follower = asyncio.create_task(self._follow(), name="api-key-revocations")
+
+    async def _read_feed(
+        self, after: int | None, wait: float = 0.0
+    ) -> tuple[int, list[uuid.UUID], bool]:
+        params: dict[str, float] = {} if after is None else {"after": after}
+        if wait > 0:
+            params["wait"] = wait
+        try:
+            response = await self._client.get(
+                REVOCATION_FEED, params=params, timeout=self._timeout + wait
+            )
+            response.raise_for_status()
+            body = response.json()
+            return (
+                int(body["cursor"]),
+                [uuid.UUID(k) for k in body["revokedKeyIds"]],
+                bool(body.get("hasMore")),
+            )
+        except (httpx.HTTPError, KeyError, ValueError, TypeError) as exc:
+            raise ServiceUnavailable("auth service unreachable for the revocation feed") from exc
+
+    async def _catch_up(self, wait: float = 0.0) -> None:
+        while True:
+            cursor, key_ids, more = await self._read_feed(self._cursor, wait)
+            if cursor < self._cursor:
+                # Not the feed we were following (a new auth database): trust nothing cached.
+                self.forget_api_key()
+            self._cursor = cursor
+            self.forget_revoked(key_ids)
+            if not more:
+                return
+
+    def _set_following(self, following: bool) -> None:
+        if following == self._following:
+            return
+        self._following = following
+        if following:
+            log.info("following API-key revocations again")
+        else:
+            # Revocations may be missed from now on: answers must come from the auth service.
+            self.forget_api_key()
+            log.warning("cannot follow API-key revocations; not caching API keys meanwhile")
+
+    async def _follow(self) -> None:
+        assert self._poll is not None
+        while True:
+            try:
+                if self._redis_url:
+                    await self._follow_pushed(self._poll)
+                else:
+                    if not self._following:
+                        await self._catch_up()  # back: caught up, so caching is safe again
+                        self._set_following(True)
+                    loop = asyncio.get_running_loop()
+                    asked = loop.time()
+                    await self._catch_up(wait=_FEED_WAIT_SECONDS)
+                    # An answer comes at once when there is news; ask again soon, not at once.
+                    await asyncio.sleep(max(0.0, self._poll - (loop.time() - asked)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._following:
+                    log.warning("revocation feed: %s", exc)
+                self._set_following(False)
+                await asyncio.sleep(self._poll)
+
+    async def _follow_pushed(self, poll: float) -> None:
+        """Subscribe, catch up with the feed, then apply each announced revocation at once."""
+        redis = Redis.from_url(self._redis_url, socket_connect_timeout=2.0)
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(REVOCATION_CHANNEL)
+            await self._catch_up()  # anything revoked before the subscription took effect
+            self._set_following(True)
+            loop = asyncio.get_running_loop()
+            checked = loop.time()
+            while True:
+                message = await pubsub.get_message(timeout=poll)
+                if message is not None and message.get("type") == "message":
+                    try:
+                        key_id = uuid.UUID(orjson.loads(message["data"])["apiKeyId"])
+                    except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
+                        log.warning("ignoring an unreadable revocation message")
+                    else:
+                        self.forget_revoked([key_id])
+                if loop.time() - checked >= _PUSHED_FEED_CHECK_SECONDS:
+                    await self._catch_up()
+                    checked = loop.time()
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await redis.aclose()
 
 
 def principal_from_validation(body: dict[str, Any]) -> Principal:

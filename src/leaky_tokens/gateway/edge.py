@@ -1,0 +1,363 @@
+"""The gateway's edge: every routed request is identified, limited, authorised and forwarded.
+
+Order per request: route → identify the caller from X-Api-Key or Authorization: Bearer (the
+auth service's keys; API keys validated by it and cached until revoked) → one rate-limit
+decision for the principal (API key, else user, else client IP) → refuse (401/403/404/429) or
+forward. Public routes are forwarded whatever the credentials say (the upstream decides), but a
+valid credential still makes its owner the principal that is limited. Every answer the edge
+gives carries the rate-limit fields.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.types import Receive, Scope, Send
+
+from leaky_tokens.gateway.proxy import (
+    ClientWentAway,
+    Upstream,
+    UpstreamBrokeOff,
+    UpstreamOpen,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    request_is_dropped,
+)
+from leaky_tokens.gateway.rate_limit import Decision, Policy, RateLimiter, limit_headers
+from leaky_tokens.gateway.routing import RouteTable
+from leaky_tokens.shared.authn import Authenticator
+from leaky_tokens.shared.circuit_breaker import BreakerState
+from leaky_tokens.shared.errors import (
+    AppError,
+    Forbidden,
+    InvalidApiKey,
+    InvalidToken,
+)
+from leaky_tokens.shared.http import error_response
+from leaky_tokens.shared.principal import Principal
+from leaky_tokens.shared.request_context import current_request_id
+
+log = logging.getLogger("leaky_tokens.gateway")
+
+_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+_CREDENTIAL_HEADERS = (b"x-api-key", b"authorization")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteLabel:
+    """What the envelope's metrics and logs see as the route (bounded cardinality)."""
+
+    path: str
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.rate_limited = Counter(
+            "gateway_rate_limited_requests",
+            "Requests refused by the gateway's rate limit",
+            ["policy"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "gateway_authentication_refusals",
+            "Requests refused at the edge for their credentials",
+            ["code"],
+            registry=registry,
+        )
+        self.upstream_failures = Counter(
+            "gateway_upstream_failures",
+            "Requests the gateway could not get an upstream answer for",
+            ["upstream", "reason"],
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "gateway_circuit_breaker_state",
+            "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+            ["upstream"],
+            registry=registry,
+        )
+
+    def watch(self, upstream: Upstream) -> None:
+        breaker = upstream.breaker
+        self.breaker_state.labels(upstream.name).set_function(lambda: _STATE_VALUES[breaker.state])
+
+
+class GatewayEdge:
+    """ASGI endpoint behind every path the gateway does not answer itself."""
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        metrics: GatewayMetrics,
+        *,
+        trusted_proxies: list[str],
+    ) -> None:
+        self.routes = routes
+        self.metrics = metrics
+        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        self._labels: dict[str, RouteLabel] = {}
+        self._unmatched = RouteLabel("unmatched")
+        self.authenticator: Authenticator | None = None
+        self.limiter: RateLimiter | None = None
+        self.upstreams: dict[str, Upstream] = {}
+
+    def attach(
+        self,
+        authenticator: Authenticator,
+        limiter: RateLimiter,
+        upstreams: Mapping[str, Upstream],
+    ) -> None:
+        self.authenticator = authenticator
+        self.limiter = limiter
+        self.upstreams = dict(upstreams)
+        for upstream in self.upstreams.values():
+            self.metrics.watch(upstream)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.limiter is not None, "GatewayEdge.attach() was not called"
+        method: str = scope["method"]
+        path: str = scope["path"]
+        route = self.routes.match(method, path)
+        scope["route"] = self._label(route.label) if route else self._unmatched
+
+        api_key: bytes | None = None
+        authorization: bytes | None = None
+        forwarded_for: list[bytes] = []
+        forwarded_proto: bytes | None = None
+        host: bytes | None = None
+        connection: bytes | None = None
+        content_length: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-api-key":
+                if api_key is None:
+                    api_key = value
+            elif name == b"authorization":
+                if authorization is None:
+                    authorization = value
+            elif name == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif name == b"x-forwarded-proto":
+                forwarded_proto = value
+            elif name == b"host":
+                host = value
+            elif name == b"connection":
+                connection = value
+            elif name == b"content-length":
+                content_length = value
+        peer = scope["client"][0] if scope.get("client") else "unknown"
+        trusted_peer = bool(self._trusted) and self._is_trusted(peer)
+        client_ip = self._client_ip(peer, forwarded_for) if trusted_peer else peer
+
+        principal: Principal | None = None
+        refusal: AppError | None = None
+        try:
+            principal = await self._identify(api_key, authorization)
+        except AppError as exc:
+            refusal = exc
+        policy = route.policy if route else self.routes.policy_for(method, path)
+        decision = await self.limiter.hit(_subject(principal, client_ip), policy)
+        limits = limit_headers(decision, policy)
+
+        if not decision.allowed:
+            await self._too_many(decision, policy, limits)(scope, receive, send)
+            return
+        if route is None:
+            await error_response(404, "NOT_FOUND", "no such route", headers=limits)(
+                scope, receive, send
+            )
+            return
+        if not route.public:
+            if refusal is None:
+                if principal is None:
+                    refusal = InvalidApiKey(
+                        "missing credentials: send Authorization: Bearer <jwt> or X-Api-Key",
+                        headers={"WWW-Authenticate": 'Bearer, ApiKey header="X-Api-Key"'},
+                    )
+                elif route.admin_only and not principal.is_admin:
+                    refusal = Forbidden("only an ADMIN may use the provider fault switch")
+            if refusal is not None:
+                self.metrics.refused.labels(refusal.code).inc()
+                await _render(refusal, limits)(scope, receive, send)
+                return
+
+        upstream = self.upstreams[route.upstream]
+        headers = _upstream_headers(
+            scope["headers"],
+            connection,
+            client_ip=client_ip,
+            proto=(
+                forwarded_proto.decode("latin-1")
+                if trusted_peer and forwarded_proto
+                else scope.get("scheme", "http")
+            ),
+            host=host,
+        )
+        extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in limits.items()]
+        length = int(content_length) if content_length and content_length.isdigit() else None
+        try:
+            await upstream.forward(scope, receive, send, headers, extra, length)
+        except UpstreamOpen as exc:
+            self.metrics.upstream_failures.labels(upstream.name, "open").inc()
+            retry = {"Retry-After": str(max(1, int(exc.retry_after_seconds + 0.999)))}
+            await _unavailable(upstream, 503, "Circuit breaker open", {**limits, **retry})(
+                scope, receive, send
+            )
+        except UpstreamUnreachable:
+            self.metrics.upstream_failures.labels(upstream.name, "unreachable").inc()
+            message = f"{upstream.service_name} unreachable"
+            await _unavailable(upstream, 503, message, limits)(scope, receive, send)
+        except UpstreamTimeout:
+            self.metrics.upstream_failures.labels(upstream.name, "timeout").inc()
+            message = f"{upstream.service_name} did not answer in time"
+            await error_response(
+                504,
+                "GATEWAY_TIMEOUT",
+                message,
+                headers=limits,
+                extra={"service": upstream.service_name},
+            )(scope, receive, send)
+        except ClientWentAway:
+            pass  # nobody to answer
+        except UpstreamBrokeOff:
+            self.metrics.upstream_failures.labels(upstream.name, "broke_off").inc()
+            message = f"{upstream.service_name} answer broke off"
+            service = {"service": upstream.service_name}
+            await error_response(502, "BAD_GATEWAY", message, headers=limits, extra=service)(
+                scope, receive, send
+            )
+
+    async def _identify(
+        self, api_key: bytes | None, authorization: bytes | None
+    ) -> Principal | None:
+        """The caller's principal; None without credentials; AppError for bad ones (and 503
+        when the auth service cannot tell). Same rules as `shared.authn.credentials_of`."""
+        assert self.authenticator is not None
+        if api_key is not None:
+            raw = api_key.decode("latin-1").strip()
+            if not raw:
+                raise InvalidApiKey("empty X-Api-Key header")
+            return await self.authenticator.from_api_key(raw)
+        if authorization is None:
+            return None
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise InvalidToken("Authorization header must be 'Bearer <token>'")
+        return await self.authenticator.from_bearer(token.strip())
+
+    def _too_many(self, decision: Decision, policy: Policy, limits: dict[str, str]) -> Any:
+        self.metrics.rate_limited.labels(policy.name).inc()
+        return error_response(
+            429,
+            "RATE_LIMITED",
+            "rate limit exceeded",
+            headers={**limits, "Retry-After": str(decision.retry_after)},
+            extra={"retryAfterSeconds": decision.retry_after},
+        )
+
+    def _label(self, path: str) -> RouteLabel:
+        label = self._labels.get(path)
+        if label is None:
+            label = self._labels[path] = RouteLabel(path)
+        return label
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self._trusted)
+
+    def _client_ip(self, peer: str, forwarded_for: list[bytes]) -> str:
+        """The client a trusted proxy forwarded for: the nearest X-Forwarded-For hop that is not
+        one of our proxies (earlier hops are whatever the client chose to write)."""
+        hops = [h.strip() for v in forwarded_for for h in v.decode("latin-1").split(",")]
+        client = peer
+        for hop in reversed(hops):
+            address = _address_of(hop)
+            if address is None:
+                break
+            client = address
+            if not self._is_trusted(address):
+                break
+        return client
+
+
+def _address_of(hop: str) -> str | None:
+    """An IP from an X-Forwarded-For hop ("1.2.3.4", "1.2.3.4:5678", "[::1]:80", "::1")."""
+    if hop.startswith("["):
+        hop = hop[1:].partition("]")[0]
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
+
+
+def _subject(principal: Principal | None, client_ip: str) -> str:
+    if principal is None:
+        return f"ip:{client_ip}"
+    if principal.api_key_id is not None:
+        return f"key:{principal.api_key_id}"
+    return f"user:{principal.user_id}"
+
+
+def _upstream_headers(
+    raw: list[tuple[bytes, bytes]],
+    connection: bytes | None,
+    *,
+    client_ip: str,
+    proto: str,
+    host: bytes | None,
+) -> list[tuple[bytes, bytes]]:
+    named_hop_by_hop: set[bytes] = set()
+    if connection:
+        named_hop_by_hop = {t.strip().lower() for t in connection.split(b",")}
+    seen_credentials: set[bytes] = set()
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in raw:
+        if request_is_dropped(name) or name in named_hop_by_hop:
+            continue
+        if name in _CREDENTIAL_HEADERS:
+            # Only the credential the edge verified goes on, never a second one behind it.
+            if name in seen_credentials:
+                continue
+            seen_credentials.add(name)
+        headers.append((name, value))
+    headers.append((b"x-forwarded-for", client_ip.encode("latin-1")))
+    headers.append((b"x-forwarded-proto", proto.encode("latin-1")))
+    if host:
+        headers.append((b"x-forwarded-host", host))
+    request_id = current_request_id()
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
+    return headers
+
+
+def _render(error: AppError, limits: dict[str, str]) -> Any:
+    return error_response(
+        error.status,
+        error.code,
+        error.message,
+        details=error.details,
+        headers={**error.headers, **limits},
+        extra=error.extra,
+    )
+
+
+def _unavailable(upstream: Upstream, status: int, message: str, headers: dict[str, str]) -> Any:
+    """The plan's fallback body, {service, status: "unavailable", message, timestamp}, in our
+    error shape (code, requestId)."""
+    return error_response(
+        status,
+        "SERVICE_UNAVAILABLE",
+        message,
+        headers=headers,
+        extra={"service": upstream.service_name, "status": "unavailable"},
+    )

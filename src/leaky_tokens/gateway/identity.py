@@ -1,0 +1,70 @@
+"""Who is calling, as the edge sees it: the shared authenticator plus a short memory of bearer
+tokens it has already verified.
+
+Verifying an RS256 signature costs about as much as the rest of the gateway's work on a
+request, and a client sends the same token again and again. A verified token is remembered
+until it expires, and at most `remember_seconds` (so a signing key that leaves the published
+set stops being honoured here soon after, as at the upstreams). The upstream verifies the token
+itself anyway; this only spares the gateway's own check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+
+from leaky_tokens.shared.authn import Authenticator
+from leaky_tokens.shared.clock import Clock, SystemClock
+from leaky_tokens.shared.principal import Principal
+
+
+class EdgeAuthenticator:
+    def __init__(
+        self,
+        inner: Authenticator,
+        *,
+        clock: Clock | None = None,
+        remember_seconds: float = 60.0,
+        max_tokens: int = 50_000,
+    ) -> None:
+        self.inner = inner
+        self._clock = clock or SystemClock()
+        self._remember = remember_seconds
+        self._max = max_tokens
+        self._verified: dict[str, tuple[float, Principal]] = {}  # token -> (good until, who)
+
+    async def from_api_key(self, raw_key: str) -> Principal:
+        return await self.inner.from_api_key(raw_key)  # cached (until revoked) by the inner one
+
+    async def from_bearer(self, token: str) -> Principal:
+        now = self._clock.now().timestamp()
+        known = self._verified.get(token)
+        if known is not None:
+            if known[0] > now:
+                return known[1]
+            del self._verified[token]
+        principal = await self.inner.from_bearer(token)  # raises for bad or expired tokens
+        if self._remember > 0:
+            expires = _expiry(token)
+            until = min(now + self._remember, expires if expires is not None else now)
+            if until > now:
+                if len(self._verified) >= self._max:
+                    self._verified.clear()
+                self._verified[token] = (until, principal)
+        return principal
+
+    async def aclose(self) -> None:
+        self._verified.clear()
+        aclose: Any = getattr(self.inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _expiry(token: str) -> float | None:
+    """The `exp` of a token whose signature was just verified."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+        return float(claims["exp"])
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError):
+        return None

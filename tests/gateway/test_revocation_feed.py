@@ -1,0 +1,284 @@
+"""Revocation is an event: the auth service's feed (and Redis announcement), and services that
+follow it dropping a revoked key at once, whatever their cache time.
+
+The auth service runs in-process (tests/auth/auth_harness.py); followers reach it through
+httpx's ASGI transport, as `RemoteAuthenticator` does over the network in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from leaky_tokens.shared.authn import REVOCATION_FEED, RemoteAuthenticator
+from leaky_tokens.shared.errors import RevokedApiKey, ServiceUnavailable
+from tests.auth.auth_harness import Account, AuthClient, fresh_database, running_auth
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+VALIDATE = "/api/v1/auth/api-keys/validate"
+
+
+class Gate(httpx.AsyncBaseTransport):
+    """Passes requests to the auth service; can hold back validation answers, or go down."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.paths: list[str] = []
+        self.hold_validation: asyncio.Event | None = None
+        self.holding = asyncio.Event()  # a validation answer is being held back
+        self.feed_down = False
+        self.feed_refused = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        if self.feed_down and request.url.path == REVOCATION_FEED:
+            self.feed_refused.set()
+            raise httpx.ConnectError("connection refused", request=request)
+        response = await self.inner.handle_async_request(request)
+        if self.hold_validation is not None and request.url.path == VALIDATE:
+            await response.aread()
+            self.holding.set()
+            await self.hold_validation.wait()
+        return response
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["sqlite", "postgresql"])
+async def auth(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AuthClient]:
+    directory = tmp_path_factory.mktemp("revocations")
+    async with (
+        fresh_database(request.param, directory) as url,
+        running_auth(url, directory, login_max_failures_per_client=10_000) as client,
+    ):
+        yield client
+
+
+Follow = Callable[..., AbstractAsyncContextManager[tuple[RemoteAuthenticator, Gate]]]
+
+
+@pytest.fixture
+def follow(auth: AuthClient) -> Follow:
+    @asynccontextmanager
+    async def connect(**options: Any) -> AsyncIterator[tuple[RemoteAuthenticator, Gate]]:
+        gate = Gate(httpx.ASGITransport(app=auth.app))
+        settings: dict[str, Any] = {"api_key_cache_seconds": 300, "revocation_poll_seconds": 0.05}
+        authenticator = RemoteAuthenticator(
+            "http://auth", issuer="leaky-tokens", transport=gate, **(settings | options)
+        )
+        try:
+            yield authenticator, gate
+        finally:
+            await authenticator.aclose()
+
+    return connect
+
+
+async def revoke(auth: AuthClient, account: Account, key: dict[str, Any]) -> None:
+    response = await auth.http.delete(f"/api/v1/auth/api-keys/{key['id']}", headers=account.headers)
+    assert response.status_code == 204, response.text
+
+
+async def feed(auth: AuthClient, **params: Any) -> dict[str, Any]:
+    response = await auth.http.get(REVOCATION_FEED, params=params)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def until_refused(authenticator: RemoteAuthenticator, raw_key: str) -> float:
+    """Seconds until the key is refused as revoked (gives up after 3 s)."""
+    started = time.monotonic()
+    while time.monotonic() - started < 3:
+        try:
+            await authenticator.from_api_key(raw_key)
+        except RevokedApiKey:
+            return time.monotonic() - started
+        await asyncio.sleep(0.01)
+    raise AssertionError("the revoked key still works after 3 s")
+
+
+# -- the feed ---------------------------------------------------------------------------------
+
+
+async def test_the_feed_lists_revocations_after_a_cursor_in_order(auth: AuthClient) -> None:
+    account = await auth.register()
+    keys = [await auth.create_api_key(account, name=f"k{i}") for i in range(3)]
+    start = await feed(auth)
+    assert start["revokedKeyIds"] == []
+    assert start["hasMore"] is False
+
+    for key in keys:
+        await revoke(auth, account, key)
+    await revoke(auth, account, keys[0])  # again: already revoked, nothing new
+
+    after = await feed(auth, after=start["cursor"])
+    assert after["revokedKeyIds"] == [k["id"] for k in keys]
+    assert after["cursor"] == start["cursor"] + 3
+    first_two = await feed(auth, after=start["cursor"], limit=2)
+    assert first_two["revokedKeyIds"] == [k["id"] for k in keys[:2]]
+    assert first_two["hasMore"] is True
+    rest = await feed(auth, after=first_two["cursor"], limit=2)
+    assert rest["revokedKeyIds"] == [keys[2]["id"]]
+    assert rest["hasMore"] is False
+    assert (await feed(auth, after=after["cursor"]))["revokedKeyIds"] == []
+
+
+async def test_a_cursor_the_feed_never_reached_is_answered_with_the_real_one(
+    auth: AuthClient,
+) -> None:
+    current = (await feed(auth))["cursor"]
+
+    beyond = await feed(auth, after=current + 1000)
+
+    assert beyond["cursor"] == current  # below what the follower had: it knows to start over
+
+
+async def test_a_failed_announcement_does_not_undo_the_revocation(auth: AuthClient) -> None:
+    account = await auth.register()
+    key = await auth.create_api_key(account)
+    start = (await feed(auth))["cursor"]
+
+    async def broken(seq: int, key_id: uuid.UUID) -> None:
+        raise ConnectionError("redis down")
+
+    auth.service.announce_revocation = broken
+    try:
+        await revoke(auth, account, key)
+    finally:
+        auth.service.announce_revocation = None
+
+    assert (await feed(auth, after=start))["revokedKeyIds"] == [key["id"]]
+
+
+# -- followers ----------------------------------------------------------------------------------
+
+
+async def test_a_follower_drops_a_revoked_key_within_a_second_whatever_its_cache_time(
+    auth: AuthClient, follow: Follow
+) -> None:
+    account = await auth.register()
+    key = await auth.create_api_key(account)
+
+    async with follow(api_key_cache_seconds=300) as (authenticator, gate):
+        await authenticator.from_api_key(key["rawKey"])
+        await authenticator.from_api_key(key["rawKey"])
+        assert gate.paths.count(VALIDATE) == 1  # cached
+        assert gate.paths[0] == REVOCATION_FEED  # the cursor came before the first answer
+
+        await revoke(auth, account, key)
+        elapsed = await until_refused(authenticator, key["rawKey"])
+
+    assert elapsed < 1.0
+
+
+async def test_an_answer_in_flight_when_the_revocation_arrives_is_not_believed(
+    auth: AuthClient, follow: Follow
+) -> None:
+    account = await auth.register()
+    key = await auth.create_api_key(account)
+
+    async with follow() as (authenticator, gate):
+        await authenticator.from_api_key((await auth.create_api_key(account))["rawKey"])
+        gate.hold_validation = asyncio.Event()
+        pending = asyncio.create_task(authenticator.from_api_key(key["rawKey"]))
+        await gate.holding.wait()  # the auth service has said "valid"; the answer waits
+        await revoke(auth, account, key)
+        await asyncio.sleep(0.3)  # the follower hears of it
+        gate.hold_validation.set()
+
+        with pytest.raises(RevokedApiKey):
+            await pending
+
+
+async def test_without_the_feed_nothing_is_cached(auth: AuthClient, follow: Follow) -> None:
+    account = await auth.register()
+    key = await auth.create_api_key(account)
+
+    async with follow() as (authenticator, gate):
+        await authenticator.from_api_key(key["rawKey"])
+        gate.feed_down = True
+        await gate.feed_refused.wait()  # (after the long poll under way has ended)
+        await asyncio.sleep(0.05)
+        before = gate.paths.count(VALIDATE)
+        for _ in range(3):
+            await authenticator.from_api_key(key["rawKey"])
+        assert gate.paths.count(VALIDATE) == before + 3  # each answer comes from auth
+
+        gate.feed_down = False
+        await asyncio.sleep(0.3)
+        await authenticator.from_api_key(key["rawKey"])
+        await authenticator.from_api_key(key["rawKey"])
+        assert gate.paths.count(VALIDATE) == before + 4  # following again: cached again
+
+
+async def test_a_follower_that_cannot_read_the_feed_at_all_is_unavailable(
+    auth: AuthClient, follow: Follow
+) -> None:
+    account = await auth.register()
+    key = await auth.create_api_key(account)
+
+    async with follow() as (authenticator, gate):
+        gate.feed_down = True
+        with pytest.raises(ServiceUnavailable):
+            await authenticator.from_api_key(key["rawKey"])
+
+
+@pytest.mark.parametrize("_", [0])
+async def test_with_redis_the_announcement_is_heard_at_once(
+    _: int, tmp_path: Path, redis_url: str
+) -> None:
+    async with (
+        fresh_database("sqlite", tmp_path) as url,
+        running_auth(url, tmp_path, redis_url=redis_url) as auth,
+    ):
+        account = await auth.register()
+        key = await auth.create_api_key(account)
+        gate = Gate(httpx.ASGITransport(app=auth.app))
+        # Polling every 30 s: only the pub/sub announcement can be this quick.
+        authenticator = RemoteAuthenticator(
+            "http://auth",
+            issuer="leaky-tokens",
+            transport=gate,
+            api_key_cache_seconds=300,
+            revocation_poll_seconds=30,
+            redis_url=redis_url,
+        )
+        try:
+            await authenticator.from_api_key(key["rawKey"])
+            await asyncio.sleep(0.3)  # subscribed
+            await revoke(auth, account, key)
+            elapsed = await until_refused(authenticator, key["rawKey"])
+        finally:
+            await authenticator.aclose()
+
+    assert elapsed < 0.5
+
+
+async def test_concurrent_requests_for_an_expired_answer_ask_the_auth_service_once(
+    auth: AuthClient, follow: Follow
+) -> None:
+    account = await auth.register()
+    key = await auth.create_api_key(account)
+
+    async with follow(api_key_cache_seconds=0) as (authenticator, gate):
+        gate.hold_validation = asyncio.Event()
+        callers = [
+            asyncio.create_task(authenticator.from_api_key(key["rawKey"])) for _ in range(20)
+        ]
+        await gate.holding.wait()
+        gate.hold_validation.set()
+        principals = await asyncio.gather(*callers)
+
+    assert len({p.api_key_id for p in principals}) == 1
+    assert gate.paths.count(VALIDATE) == 1
