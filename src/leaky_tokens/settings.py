@@ -104,7 +104,7 @@ class TokensSettings(BaseModel):
     max_purchase_tokens: int = Field(10_000_000, ge=1)
     flags: dict[str, bool] = Field(
         default_factory=dict,
-        description="Feature flags applied at start-up, e.g. {\"saga.simulate-failure\": true}",
+        description='Feature flags applied at start-up, e.g. {"saga.simulate-failure": true}',
     )
     saga_poll_interval_seconds: float = Field(0.5, gt=0)
     saga_lease_seconds: float = Field(15.0, gt=0)
