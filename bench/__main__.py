@@ -51,6 +51,15 @@ def main() -> None:
     )
     print(bucket.stdout.strip())
     report["leaky_bucket"] = bucket.stdout.strip().splitlines()
+    pipeline = subprocess.run(
+        [sys.executable, "-m", "bench.bench_analytics", "--runs", str(args.runs)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+    )
+    print(pipeline.stdout.strip())
+    report["analytics_pipeline"] = pipeline.stdout.strip().splitlines()
 
     shapes = ["embedded"]
     if _answers(5432) and _answers(6379):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,6 +172,9 @@ def stack_env(
             databases.append(url)
             env[f"LEAKY_{service.upper()}__DATABASE_URL"] = url
         env["REDIS_URL"] = REDIS_URL
+        # Each stack its own event streams: analytics consumers of other stacks (same group
+        # name) would otherwise take this stack's events.
+        env["LEAKY_EVENTS__STREAM_PREFIX"] = f"lt:test:events:{uuid.uuid4().hex}:"
     try:
         yield workdir, env, request.param
     finally:

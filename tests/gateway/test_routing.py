@@ -46,6 +46,7 @@ def test_each_prefix_goes_to_its_upstream(
         "/api/v1/unknown/thing",
         "/oauth2/jwks/extra",
         "/api/v1/auth/api-keys/revocations",  # internal: followed by services, not clients
+        "/api/v1/analytics/events",  # internal: the outbox relay pushes here
         "/api/v1/tokens/status/../quota",
         "/api/v1/tokens/./status",
         "/api/v1/tokens//status",

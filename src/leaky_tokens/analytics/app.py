@@ -1,38 +1,57 @@
-"""Assembles the analytics service."""
+"""Assembles the analytics service: its own database, the event consumers, the query routes."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
+from leaky_tokens.analytics.consumers import AnalyticsMetrics, start_consumers
+from leaky_tokens.analytics.router import router
+from leaky_tokens.analytics.service import AnalyticsService
 from leaky_tokens.settings import Settings
 from leaky_tokens.shared.app import build_service_app
-from leaky_tokens.shared.authn import RemoteAuthenticator
-from leaky_tokens.shared.schemas import HealthRead
+from leaky_tokens.shared.authn import Authenticator
+from leaky_tokens.shared.clock import Clock, SystemClock
+from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.events import event_ingest_router
+from leaky_tokens.shared.migrations import upgrade_database
 
-router = APIRouter()
-
-
-@router.get("/api/v1/analytics/health", tags=["health"])
-async def health() -> HealthRead:
-    return HealthRead(service="analytics", status="UP")
+EVENTS_PATH = "/api/v1/analytics/events"
 
 
-def create_analytics_app(settings: Settings, *, authenticator: RemoteAuthenticator) -> FastAPI:
+def create_analytics_app(
+    settings: Settings, *, authenticator: Authenticator, clock: Clock | None = None
+) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = settings.database_url("analytics")
+        if settings.auto_migrate:
+            await upgrade_database(url, "analytics")
+        # Not inline: aggregate queries over long windows must not run on the event loop.
+        database = Database(url, inline=False)
+        service = AnalyticsService(database, clock or SystemClock(), metrics)
+        app.state.analytics_service = service
         app.state.authenticator = authenticator
+        consumers = await start_consumers(settings, service, metrics)
+        app.state.event_receiver = consumers.receiver
         try:
             yield
         finally:
-            await authenticator.aclose()
+            await consumers.stop()
+            aclose = getattr(authenticator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await database.dispose()
 
-    return build_service_app(
+    app = build_service_app(
         "analytics",
         title="Leaky Tokens — analytics service",
-        routers=[router],
+        description="Usage events from the tokens outbox; usage, reports and anomalies.",
+        routers=[router, event_ingest_router(EVENTS_PATH)],
         lifespan=lifespan,
         log_access=settings.access_log,
     )
+    metrics = AnalyticsMetrics(app.state.metrics.registry)
+    return app

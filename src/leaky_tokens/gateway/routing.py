@@ -17,7 +17,10 @@ UPSTREAM_PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 # Served by upstreams for each other, never for clients: the gateway answers 404.
-INTERNAL_PATHS: frozenset[str] = frozenset({"/api/v1/auth/api-keys/revocations"})
+# Service-to-service endpoints: never routed from the edge (404 there).
+INTERNAL_PATHS: frozenset[str] = frozenset(
+    {"/api/v1/auth/api-keys/revocations", "/api/v1/analytics/events"}
+)
 
 # The provider stubs have no authentication of their own; their fault switch would let any
 # caller break every user's provider calls, so at the edge it takes an ADMIN.

@@ -20,6 +20,7 @@ from leaky_tokens.shared.redis import redis_client
 from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
+from leaky_tokens.tokens.outbox_relay import start_outbox_relay
 from leaky_tokens.tokens.payments import StubPaymentGateway
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
 from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator
@@ -93,9 +94,13 @@ def create_tokens_app(
             asyncio.create_task(_sweep_forever(service, settings.tokens.sweep_interval_seconds)),
             asyncio.create_task(orchestrator.run_forever()),
         ]
+        # outbox -> analytics (issue 5)
+        metrics_registry = app.state.metrics.registry
+        relay = await start_outbox_relay(settings, database, metrics_registry, clock=clock)
         try:
             yield
         finally:
+            await relay.stop()  # outbox relay (issue 5)
             for task in background:
                 task.cancel()
             for task in background:

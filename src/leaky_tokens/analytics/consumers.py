@@ -1,0 +1,140 @@
+"""Where analytics takes its events from, and the figures it reports about them.
+
+HTTP push is always open to holders of the internal token (the embedded default, and a way in
+for any producer); Redis Streams is added when the settings pick it (REDIS_URL set, or
+events.transport = "redis")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.asyncio import Redis
+
+from leaky_tokens.analytics.service import PURCHASE, USAGE, AnalyticsService, IngestObserver
+from leaky_tokens.settings import Settings
+from leaky_tokens.shared.events import (
+    EventConsumer,
+    HttpPushConsumer,
+    RedisStreamConsumer,
+    finish_task,
+    resolve_internal_token,
+    stream_redis_client,
+)
+
+log = logging.getLogger("leaky_tokens.analytics")
+
+STREAMS = (USAGE, PURCHASE)
+
+
+class AnalyticsMetrics(IngestObserver):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "analytics_events_received", "Events received", ["stream"], registry=registry
+        )
+        self.stored = Counter(
+            "analytics_events_stored",
+            "Events stored (first delivery)",
+            ["stream"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "analytics_events_rejected",
+            "Events dropped as unreadable",
+            ["stream"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "analytics_consumer_lag_events",
+            "Events the transport holds that analytics has not stored yet (Redis Streams: "
+            "undelivered + pending; HTTP push holds none, see tokens_outbox_backlog_events)",
+            ["stream"],
+            registry=registry,
+        )
+        self._delay = Histogram(
+            "analytics_event_delay_seconds",
+            "From the event's creation in the outbox to its arrival here",
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+
+    def batch(self, stream: str, received: int, stored: int, rejected: int) -> None:
+        if received:
+            self.received.labels(stream).inc(received)
+        if stored:
+            self.stored.labels(stream).inc(stored)
+        if rejected:
+            self.rejected.labels(stream).inc(rejected)
+
+    def delay(self, seconds: float) -> None:
+        self._delay.observe(seconds)
+
+
+class RunningConsumers:
+    def __init__(
+        self,
+        receiver: HttpPushConsumer,
+        consumers: list[EventConsumer],
+        redis: Redis | None,
+        metrics: AnalyticsMetrics,
+        lag_every_seconds: float = 1.0,
+    ) -> None:
+        self.receiver = receiver
+        self.consumers = consumers
+        self._redis = redis
+        self._metrics = metrics
+        self._lag_every = lag_every_seconds
+        self._stopping = asyncio.Event()
+        self._lag_task = asyncio.create_task(self._watch_lag(), name="analytics-lag")
+
+    async def _watch_lag(self) -> None:
+        names: dict[str, str] = {}
+        while not self._stopping.is_set():
+            for consumer in self.consumers:
+                try:
+                    for key, lag in (await consumer.lag()).items():
+                        stream = names.setdefault(key, key.rsplit(":", 1)[-1])
+                        self._metrics.lag.labels(stream).set(lag)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.debug("consumer lag query failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._lag_every)
+
+    async def stop(self) -> None:
+        self._stopping.set()  # not cancelled mid-command (see RedisStreamConsumer.stop)
+        await finish_task(self._lag_task, grace_seconds=5.0)
+        for consumer in reversed(self.consumers):
+            await consumer.stop()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+async def start_consumers(
+    settings: Settings, service: AnalyticsService, metrics: AnalyticsMetrics
+) -> RunningConsumers:
+    receiver = HttpPushConsumer(resolve_internal_token(settings.internal_token, settings.data_dir))
+    await receiver.start(service.store_events)
+    consumers: list[EventConsumer] = [receiver]
+    redis: Redis | None = None
+    if settings.event_transport() == "redis":
+        events = settings.events
+        # Reads block for 1 s at most; anything slower than 10 s is a Redis in trouble.
+        redis = stream_redis_client(settings.redis_url, max_connections=8, socket_timeout=10.0)
+        stream_consumer = RedisStreamConsumer(
+            redis,
+            streams=STREAMS,
+            prefix=events.stream_prefix,
+            group=events.consumer_group,
+            reclaim_idle_seconds=events.reclaim_idle_seconds,
+        )
+        try:
+            await stream_consumer.start(service.store_events)
+        except BaseException:
+            await redis.aclose()
+            raise
+        consumers.append(stream_consumer)
+    return RunningConsumers(receiver, consumers, redis, metrics)

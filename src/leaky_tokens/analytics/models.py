@@ -1,0 +1,68 @@
+"""ORM tables owned by the analytics service: usage events and (separately) purchase events."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, UniqueConstraint, Uuid
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from leaky_tokens.shared.database import UtcDateTime
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class AnalyticsBase(DeclarativeBase):
+    pass
+
+
+class UsageEvent(AnalyticsBase):
+    """One consume decision of the token service, stored once per event id."""
+
+    __tablename__ = "usage_event"
+    __table_args__ = (
+        # A redelivered event is stored once (insert ... on conflict do nothing).
+        UniqueConstraint("event_id", name="uq_usage_event_event_id"),
+        Index("ix_usage_event_provider_time", "provider", "occurred_at"),
+        Index("ix_usage_event_user_provider_time", "user_id", "provider", "occurred_at"),
+        Index("ix_usage_event_org_provider_time", "org_id", "provider", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    event_type: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(32))
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    tokens: Mapped[int] = mapped_column(BigInteger)  # tokens the request asked for
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)  # the rest of the payload
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PurchaseEvent(AnalyticsBase):
+    """A step or compensation of a purchase saga; never counted as usage."""
+
+    __tablename__ = "purchase_event"
+    __table_args__ = (
+        UniqueConstraint("event_id", name="uq_purchase_event_event_id"),
+        Index("ix_purchase_event_saga_time", "saga_id", "occurred_at"),
+        Index("ix_purchase_event_user_time", "user_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    event_type: Mapped[str] = mapped_column(String(64))
+    saga_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    status: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)

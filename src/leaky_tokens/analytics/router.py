@@ -1,0 +1,116 @@
+"""HTTP routes of the analytics service (plan §6.1-6.3, plus the purchase-events view)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from leaky_tokens.analytics.schemas import AnomalyRead, PurchaseEventsRead, ReportRead, UsageRead
+from leaky_tokens.analytics.service import MAX_ITEMS, AnalyticsService
+from leaky_tokens.shared.authn import CurrentPrincipal
+from leaky_tokens.shared.errors import ServiceUnavailable
+from leaky_tokens.shared.pagination import PageParams
+from leaky_tokens.shared.schemas import HealthRead
+
+router = APIRouter(prefix="/api/v1/analytics")
+
+ProviderQuery = Annotated[
+    str, Query(min_length=1, max_length=32, description="openai, qwen or gemini")
+]
+UserFilter = Annotated[
+    uuid.UUID | None, Query(alias="userId", description="ADMIN: one user's events")
+]
+OrgFilter = Annotated[
+    uuid.UUID | None, Query(alias="orgId", description="Events charged to one org pool")
+]
+WindowMinutes = Annotated[int, Query(alias="windowMinutes", ge=1, le=1440)]
+
+
+def _service(request: Request) -> AnalyticsService:
+    service: AnalyticsService = request.app.state.analytics_service
+    return service
+
+
+@router.get("/health", tags=["health"])
+async def health(request: Request) -> HealthRead:
+    if not await _service(request).db.ping():
+        raise ServiceUnavailable("analytics database unavailable")
+    return HealthRead(service="analytics", status="UP", checks={"database": "UP"})
+
+
+@router.get("/usage", tags=["analytics"])
+async def usage(
+    request: Request,
+    principal: CurrentPrincipal,
+    provider: ProviderQuery,
+    limit: Annotated[int, Query(ge=1, le=MAX_ITEMS)] = 20,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    user_id: UserFilter = None,
+    org_id: OrgFilter = None,
+) -> UsageRead:
+    """Usage events, newest first: `limit` per page (default 20, at most 200)."""
+    return await _service(request).usage(
+        principal, provider, limit=limit, page=page, user_id=user_id, org_id=org_id
+    )
+
+
+@router.get("/report", tags=["analytics"])
+async def report(
+    request: Request,
+    principal: CurrentPrincipal,
+    provider: ProviderQuery,
+    window_minutes: WindowMinutes = 60,
+    user_id: UserFilter = None,
+    org_id: OrgFilter = None,
+) -> ReportRead:
+    """Exact totals over the last `windowMinutes` (default 60, at most 1440)."""
+    return await _service(request).report(
+        principal, provider, window_minutes=window_minutes, user_id=user_id, org_id=org_id
+    )
+
+
+@router.get("/anomalies", tags=["analytics"])
+async def anomalies(
+    request: Request,
+    principal: CurrentPrincipal,
+    provider: ProviderQuery,
+    window_minutes: WindowMinutes = 60,
+    baseline_windows: Annotated[int, Query(alias="baselineWindows", ge=1, le=24)] = 3,
+    threshold: Annotated[float, Query(ge=1.0, le=1_000_000.0, allow_inf_nan=False)] = 2.0,
+    user_id: UserFilter = None,
+    org_id: OrgFilter = None,
+) -> AnomalyRead:
+    """Tokens of the last window against the average of the `baselineWindows` before it;
+    `anomaly` when currentTokens >= threshold x max(baselineAverage, 1)."""
+    if not math.isfinite(threshold):  # belt and braces: JSON has no Infinity
+        threshold = 2.0
+    return await _service(request).anomalies(
+        principal,
+        provider,
+        window_minutes=window_minutes,
+        baseline_windows=baseline_windows,
+        threshold=threshold,
+        user_id=user_id,
+        org_id=org_id,
+    )
+
+
+@router.get("/purchases", tags=["analytics"])
+async def purchases(
+    request: Request,
+    principal: CurrentPrincipal,
+    paging: PageParams,
+    saga_id: Annotated[str | None, Query(alias="sagaId", max_length=64)] = None,
+    user_id: UserFilter = None,
+) -> PurchaseEventsRead:
+    """Purchase-saga events (steps and compensations), newest first; never part of usage."""
+    return await _service(request).purchases(
+        principal,
+        saga_id=saga_id,
+        user_id=user_id,
+        page=paging.page,
+        page_size=paging.page_size,
+    )

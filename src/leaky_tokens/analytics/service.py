@@ -1,0 +1,382 @@
+"""The analytics service's rules: storing events idempotently, and usage, report and anomaly
+answers computed exactly over their windows.
+
+What "tokens" means here: every usage event carries the tokens its request asked for, whatever
+the decision. `totalTokens`, `topUsers[].totalTokens` and the anomaly figures count the tokens of
+every event in the window (demand: a spike shows even while the bucket refuses most of it, and
+`averageTokens = totalTokens / totalEvents`, the plan's arithmetic); `allowedTokens` counts only
+ALLOWED events, i.e. what quotas were charged.
+
+Who sees what: a USER sees only their own events; an ADMIN sees everyone's and may narrow to one
+user (`userId`) and/or one organisation pool (`orgId`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from pydantic import Field, StringConstraints, ValidationError
+
+from leaky_tokens.analytics import anomalies
+from leaky_tokens.analytics.errors import ForeignUsage, UnknownProvider
+from leaky_tokens.analytics.repository import AnalyticsRepository, UsageFilter
+from leaky_tokens.analytics.schemas import (
+    AnomalyRead,
+    PurchaseEventRead,
+    PurchaseEventsRead,
+    ReportRead,
+    TopUser,
+    UsageItem,
+    UsageKey,
+    UsageRead,
+)
+from leaky_tokens.settings import PROVIDERS
+from leaky_tokens.shared.clock import Clock
+from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.events import Event
+from leaky_tokens.shared.pagination import Pagination
+from leaky_tokens.shared.principal import Principal
+from leaky_tokens.shared.schemas import ApiModel
+
+log = logging.getLogger("leaky_tokens.analytics")
+
+USAGE = "usage"
+PURCHASE = "purchase"
+# The most rows an item list answers (/usage `limit`); reported as `sampleLimit`. Aggregates
+# never sample: they are computed by the database over every event in the window.
+MAX_ITEMS = 200
+TOP_USERS = 5
+
+
+class UsagePayload(ApiModel):
+    """The fields of a usage event analytics relies on (others are kept as details)."""
+
+    decision: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    allowed: bool | None = None
+    user_id: uuid.UUID
+    org_id: uuid.UUID | None = None
+    provider: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    tokens: Annotated[int, Field(ge=0, le=2**62)]
+    request_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+_USAGE_COLUMNS = {
+    "eventId",
+    "type",
+    "decision",
+    "allowed",
+    "userId",
+    "orgId",
+    "provider",
+    "tokens",
+    "occurredAt",
+    "requestId",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCounts:
+    received: int
+    stored: int
+    duplicates: int
+    rejected: int
+    ignored: int
+
+
+class IngestObserver:
+    """What the service reports about ingestion (metrics); the default reports nothing."""
+
+    def batch(self, stream: str, received: int, stored: int, rejected: int) -> None:
+        return None
+
+    def delay(self, seconds: float) -> None:
+        return None
+
+
+def check_provider(provider: str) -> str:
+    name = provider.strip().lower()
+    if name not in PROVIDERS:
+        message = f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}"
+        raise UnknownProvider(message, details=[{"field": "provider", "message": message}])
+    return name
+
+
+def scope_for(
+    principal: Principal, provider: str, user_id: uuid.UUID | None, org_id: uuid.UUID | None
+) -> UsageFilter:
+    provider = check_provider(provider)
+    if principal.is_admin:
+        return UsageFilter(provider, user_id, org_id)
+    if user_id is not None and user_id != principal.user_id:
+        raise ForeignUsage()
+    return UsageFilter(provider, principal.user_id, org_id)
+
+
+def _usage_row(event: Event, now: datetime) -> dict[str, Any] | None:
+    try:
+        usage = UsagePayload.model_validate(event.payload)
+    except ValidationError as exc:
+        log.error("dropping unreadable usage event %s: %s", event.event_id, str(exc)[:300])
+        return None
+    details = {k: v for k, v in event.payload.items() if k not in _USAGE_COLUMNS}
+    return {
+        "event_id": event.event_id,
+        "event_type": event.type,
+        "decision": usage.decision,
+        "allowed": usage.allowed if usage.allowed is not None else usage.decision == "ALLOWED",
+        "user_id": usage.user_id,
+        "org_id": usage.org_id,
+        "provider": usage.provider,
+        "tokens": usage.tokens,
+        "occurred_at": event.occurred_at,
+        "request_id": usage.request_id,
+        "details": details,
+        "received_at": now,
+    }
+
+
+def _purchase_row(event: Event, now: datetime) -> dict[str, Any]:
+    payload = event.payload
+    user_id: uuid.UUID | None = None
+    try:
+        user_id = uuid.UUID(str(payload["userId"])) if payload.get("userId") else None
+    except ValueError:
+        user_id = None
+    tokens = payload.get("tokens")
+    status = payload.get("status")
+    return {
+        "event_id": event.event_id,
+        "event_type": event.type,
+        "saga_id": str(payload.get("sagaId") or event.aggregate_id)[:64],
+        "user_id": user_id,
+        "status": str(status)[:32] if status is not None else None,
+        "tokens": tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+        "occurred_at": event.occurred_at,
+        "payload": payload,
+        "received_at": now,
+    }
+
+
+def _rounded(value: float) -> float:
+    return round(value, 2) if math.isfinite(value) else 0.0
+
+
+class AnalyticsService:
+    def __init__(
+        self, database: Database, clock: Clock, observer: IngestObserver | None = None
+    ) -> None:
+        self.db = database
+        self.clock = clock
+        self.observer = observer or IngestObserver()
+
+    # ingestion
+
+    async def store_events(self, batch: Sequence[Event]) -> StoredCounts:
+        """Store a batch in one transaction: usage and purchase events in their own tables, each
+        event id once (a redelivery is skipped); other streams are ignored."""
+        now = self.clock.now()
+        seen: set[uuid.UUID] = set()
+        usage: list[dict[str, Any]] = []
+        purchases: list[dict[str, Any]] = []
+        rejected = ignored = 0
+        for event in batch:
+            if event.event_id in seen:
+                continue
+            seen.add(event.event_id)
+            if event.stream == USAGE:
+                row = _usage_row(event, now)
+                if row is None:
+                    rejected += 1
+                else:
+                    usage.append(row)
+                    self.observer.delay(max(0.0, (now - event.occurred_at).total_seconds()))
+            elif event.stream == PURCHASE:
+                purchases.append(_purchase_row(event, now))
+            else:
+                ignored += 1
+        async with self.db.transaction() as session:
+            repo = AnalyticsRepository(session)
+            stored_usage = await repo.insert_usage(usage)
+            stored_purchases = await repo.insert_purchases(purchases)
+        self.observer.batch(USAGE, len(usage) + rejected, stored_usage, rejected)
+        self.observer.batch(PURCHASE, len(purchases), stored_purchases, 0)
+        stored = stored_usage + stored_purchases
+        return StoredCounts(
+            received=len(batch),
+            stored=stored,
+            duplicates=len(batch) - stored - rejected - ignored,
+            rejected=rejected,
+            ignored=ignored,
+        )
+
+    # queries
+
+    async def usage(
+        self,
+        principal: Principal,
+        provider: str,
+        *,
+        limit: int,
+        page: int = 1,
+        user_id: uuid.UUID | None = None,
+        org_id: uuid.UUID | None = None,
+    ) -> UsageRead:
+        """The newest events first; `limit` items per page."""
+        scope = scope_for(principal, provider, user_id, org_id)
+        limit = max(1, min(limit, MAX_ITEMS))
+        async with self.db.read() as session:
+            repo = AnalyticsRepository(session)
+            rows = await repo.recent_usage(scope, limit, (page - 1) * limit)
+            total = await repo.count_usage(scope)
+        items = [
+            UsageItem(
+                key=UsageKey(provider=row.provider, timestamp=row.occurred_at),
+                user_id=row.user_id,
+                tokens=row.tokens,
+                allowed=row.allowed,
+                decision=row.decision,
+                event_id=row.event_id,
+                org_id=row.org_id,
+                request_id=row.request_id,
+            )
+            for row in rows
+        ]
+        return UsageRead(
+            provider=scope.provider,
+            count=len(items),
+            items=items,
+            pagination=Pagination(
+                page=page,
+                page_size=limit,
+                total=total,
+                total_pages=math.ceil(total / limit) if total else 0,
+            ),
+        )
+
+    async def report(
+        self,
+        principal: Principal,
+        provider: str,
+        *,
+        window_minutes: int,
+        user_id: uuid.UUID | None = None,
+        org_id: uuid.UUID | None = None,
+    ) -> ReportRead:
+        """Totals over [now - windowMinutes, now)."""
+        scope = scope_for(principal, provider, user_id, org_id)
+        end = self.clock.now()
+        start = end - timedelta(minutes=window_minutes)
+        async with self.db.read() as session:
+            repo = AnalyticsRepository(session)
+            totals = await repo.window_totals(scope, start, end)
+            top = await repo.top_users(scope, start, end, TOP_USERS)
+        return ReportRead(
+            provider=scope.provider,
+            window_start=start,
+            window_end=end,
+            total_events=totals.events,
+            allowed_events=totals.allowed_events,
+            denied_events=totals.events - totals.allowed_events,
+            total_tokens=totals.tokens,
+            allowed_tokens=totals.allowed_tokens,
+            average_tokens=_rounded(totals.tokens / totals.events) if totals.events else 0.0,
+            unique_users=totals.unique_users,
+            sample_limit=MAX_ITEMS,
+            top_users=[
+                TopUser(
+                    user_id=u.user_id,
+                    total_tokens=u.tokens,
+                    events=u.events,
+                    allowed_tokens=u.allowed_tokens,
+                )
+                for u in top
+            ],
+        )
+
+    async def anomalies(
+        self,
+        principal: Principal,
+        provider: str,
+        *,
+        window_minutes: int,
+        baseline_windows: int,
+        threshold: float,
+        user_id: uuid.UUID | None = None,
+        org_id: uuid.UUID | None = None,
+    ) -> AnomalyRead:
+        """Tokens of [now - w, now) against the average of the `baselineWindows` windows of the
+        same width before it (see anomalies.py for the rule and the zero-baseline ratio)."""
+        scope = scope_for(principal, provider, user_id, org_id)
+        windows = anomalies.windows_ending_at(
+            self.clock.now(), timedelta(minutes=window_minutes), baseline_windows
+        )
+        async with self.db.read() as session:
+            per_window = await AnalyticsRepository(session).tokens_per_window(
+                scope, [*windows.baseline, (windows.current_start, windows.end)]
+            )
+        baseline, current = per_window[:-1], per_window[-1]
+        verdict = anomalies.judge(current, baseline, threshold)
+        return AnomalyRead(
+            provider=scope.provider,
+            current_window_start=windows.current_start,
+            current_window_end=windows.end,
+            window_minutes=window_minutes,
+            baseline_windows=baseline_windows,
+            current_tokens=verdict.current_tokens,
+            baseline_average=_rounded(verdict.baseline_average),
+            baseline_window_tokens=baseline,
+            ratio=_rounded(verdict.ratio),
+            threshold=threshold,
+            anomaly=verdict.anomaly,
+            sample_limit=MAX_ITEMS,
+        )
+
+    async def purchases(
+        self,
+        principal: Principal,
+        *,
+        saga_id: str | None,
+        user_id: uuid.UUID | None,
+        page: int,
+        page_size: int,
+    ) -> PurchaseEventsRead:
+        """Purchase-saga events, newest first: a USER's own, an ADMIN's pick."""
+        if not principal.is_admin:
+            if user_id is not None and user_id != principal.user_id:
+                raise ForeignUsage("you may only read your own purchases")
+            user_id = principal.user_id
+        async with self.db.read() as session:
+            rows, total = await AnalyticsRepository(session).purchases(
+                saga_id=saga_id, user_id=user_id, limit=page_size, offset=(page - 1) * page_size
+            )
+        return PurchaseEventsRead(
+            items=[
+                PurchaseEventRead(
+                    event_id=r.event_id,
+                    type=r.event_type,
+                    saga_id=r.saga_id,
+                    user_id=r.user_id,
+                    status=r.status,
+                    tokens=r.tokens,
+                    occurred_at=r.occurred_at,
+                    payload=r.payload,
+                )
+                for r in rows
+            ],
+            pagination=Pagination(
+                page=page,
+                page_size=page_size,
+                total=total,
+                total_pages=math.ceil(total / page_size) if total else 0,
+            ),
+        )
+
+    async def usage_totals(self) -> tuple[int, int]:
+        async with self.db.read() as session:
+            return await AnalyticsRepository(session).usage_totals()
