@@ -192,3 +192,19 @@ def stack(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
         yield running
     finally:
         running.stop_all()
+
+
+# Modules that start their own system (with an ADMIN, special limits…) define a module-scoped
+# `system` fixture; these clients and accounts are then built on it.
+
+
+@pytest.fixture(scope="module")
+def auth(system: Stack) -> Iterator[httpx.Client]:
+    with system.client("auth") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tokens(system: Stack) -> Iterator[httpx.Client]:
+    with system.client("tokens") as client:
+        yield client

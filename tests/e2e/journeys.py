@@ -5,8 +5,32 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
+
+ERROR_FIELDS = {"message", "timestamp", "code", "requestId"}
+ADMIN_PASSWORD = "admin-password-123"
+
+
+def admin_env(username: str) -> dict[str, str]:
+    """Environment that makes the auth service bootstrap this ADMIN at start-up."""
+    return {"LEAKY_ADMIN_USERNAME": username, "LEAKY_ADMIN_PASSWORD": ADMIN_PASSWORD}
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """An error answer in DESIGN.md's shape, its requestId the X-Request-Id header."""
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    assert body.keys() >= ERROR_FIELDS, body
+    assert body["code"] == code, body
+    assert body["requestId"] == response.headers["X-Request-Id"]
+    datetime.fromisoformat(body["timestamp"])
+    return body
+
+
+def detail_fields(body: dict[str, Any]) -> set[str]:
+    return {d["field"] for d in body.get("details", [])}
 
 
 @dataclass

@@ -29,22 +29,20 @@ import pytest
 
 from tests.backends import create_postgres_database, drop_postgres_database
 from tests.e2e.conftest import Stack, base_env, free_ports
-from tests.e2e.journeys import Account, login, register
+from tests.e2e.journeys import ADMIN_PASSWORD, ERROR_FIELDS, Account, admin_env, login, register
 
 pytestmark = pytest.mark.e2e
 
 ADMIN_USERNAME = "e2e_analytics_admin"
-ADMIN_PASSWORD = "admin-password-123"
 ITEM_FIELDS = {"key", "userId", "tokens", "allowed", "decision", "eventId", "orgId", "requestId"}
-ERROR_FIELDS = {"message", "timestamp", "code", "requestId"}
 
 
 @pytest.fixture(scope="module")
-def analytics_stack(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
+def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
     workdir, env, shape = stack_env
     running = Stack(workdir, env, shape)
     running.up(
-        extra_env={"LEAKY_ADMIN_USERNAME": ADMIN_USERNAME, "LEAKY_ADMIN_PASSWORD": ADMIN_PASSWORD},
+        extra_env=admin_env(ADMIN_USERNAME),
         name="analytics-up",
     )
     try:
@@ -54,20 +52,8 @@ def analytics_stack(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Sta
 
 
 @pytest.fixture(scope="module")
-def auth(analytics_stack: Stack) -> Iterator[httpx.Client]:
-    with analytics_stack.client("auth") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def tokens(analytics_stack: Stack) -> Iterator[httpx.Client]:
-    with analytics_stack.client("tokens") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def analytics(analytics_stack: Stack) -> Iterator[httpx.Client]:
-    with analytics_stack.client("analytics") as client:
+def analytics(system: Stack) -> Iterator[httpx.Client]:
+    with system.client("analytics") as client:
         yield client
 
 
@@ -190,7 +176,7 @@ def test_scenario_6_2_usage_report_generation(
 
 
 def test_scenario_6_3_anomaly_detection(
-    analytics_stack: Stack, tokens: httpx.Client, analytics: httpx.Client, user: Account
+    system: Stack, tokens: httpx.Client, analytics: httpx.Client, user: Account
 ) -> None:
     # baseline: 150 tokens in each of the three 10-minute windows before the current one
     now = datetime.now(UTC)
@@ -199,7 +185,7 @@ def test_scenario_6_3_anomaly_detection(
         for k in (1, 2, 3)
         for s in (0, 20, 40)
     ]
-    ingest(analytics_stack, baseline)
+    ingest(system, baseline)
 
     calm = poll(
         analytics,
@@ -211,7 +197,7 @@ def test_scenario_6_3_anomaly_detection(
     )
     assert (calm["currentTokens"], calm["anomaly"]) == (0, False)
 
-    responses = asyncio.run(spike(analytics_stack.url("tokens"), user, 100))
+    responses = asyncio.run(spike(system.url("tokens"), user, 100))
     assert {r.status_code for r in responses} <= {200, 429}
 
     body = poll(

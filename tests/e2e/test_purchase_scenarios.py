@@ -23,11 +23,18 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.e2e.journeys import Account, login, register
+from tests.e2e.journeys import (
+    ADMIN_PASSWORD,
+    Account,
+    admin_env,
+    assert_error,
+    detail_fields,
+    login,
+    register,
+)
 
 pytestmark = pytest.mark.e2e
 
-ERROR_FIELDS = {"message", "timestamp", "code", "requestId"}
 ACCEPTED_FIELDS = {"sagaId", "status", "createdAt"}
 # The plan's body, plus why a saga failed (null unless it did).
 SAGA_FIELDS = {
@@ -58,7 +65,6 @@ FAILURE_TRAIL = [
 TERMINAL = ("COMPLETED", "FAILED")
 
 ADMIN_USERNAME = "e2e_purchase_admin"
-ADMIN_PASSWORD = "admin-password-123"
 MAX_PURCHASE = 100_000
 SAGA_TIMEOUT = 10.0
 RETRY_BASE = 0.05
@@ -67,15 +73,14 @@ NOT_NEEDED = "gateway,analytics,qwen,gemini,openai"
 
 
 @pytest.fixture(scope="module")
-def purchase_stack(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
+def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
     workdir, env, shape = stack_env
     running = Stack(workdir, env, shape)
     running.up(
         "--skip",
         NOT_NEEDED,
         extra_env={
-            "LEAKY_ADMIN_USERNAME": ADMIN_USERNAME,
-            "LEAKY_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            **admin_env(ADMIN_USERNAME),
             "LEAKY_TOKENS__MAX_PURCHASE_TOKENS": str(MAX_PURCHASE),
             # a payment call that fails transiently is retried after 0.1, 0.2, 0.4, 0.8 s
             "LEAKY_TOKENS__SAGA_RETRY_BASE_SECONDS": str(RETRY_BASE),
@@ -85,18 +90,6 @@ def purchase_stack(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stac
         yield running
     finally:
         running.stop_all()
-
-
-@pytest.fixture(scope="module")
-def auth(purchase_stack: Stack) -> Iterator[httpx.Client]:
-    with purchase_stack.client("auth") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def tokens(purchase_stack: Stack) -> Iterator[httpx.Client]:
-    with purchase_stack.client("tokens") as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +103,6 @@ def user(auth: httpx.Client) -> Account:
 
 
 # the plan's steps, as this module repeats them
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert body.keys() >= ERROR_FIELDS, body
-    assert body["code"] == code, body
-    assert body["requestId"] == response.headers["X-Request-Id"]
-    datetime.fromisoformat(body["timestamp"])
-    return body
-
-
-def detail_fields(body: dict[str, Any]) -> set[str]:
-    return {d["field"] for d in body.get("details", [])}
 
 
 def purchase(
@@ -626,16 +605,14 @@ async def _purchase_concurrently(
 
 
 def test_scenario_9_2_saga_load_test(
-    purchase_stack: Stack, tokens: httpx.Client, admin: Account, user: Account
+    system: Stack, tokens: httpx.Client, admin: Account, user: Account
 ) -> None:
     set_quota(tokens, admin, user, total=1000, remaining=1000)
     keys = [f"load-test-{i}" for i in range(1, 21)]
     amounts = [100 + i for i in range(20)]  # distinct, so a lost or doubled one shows in the sum
 
     started = time.monotonic()
-    responses = asyncio.run(
-        _purchase_concurrently(purchase_stack.url("tokens"), user, keys, amounts)
-    )
+    responses = asyncio.run(_purchase_concurrently(system.url("tokens"), user, keys, amounts))
     saga_ids = [accepted(r)["sagaId"] for r in responses]
     assert len(set(saga_ids)) == 20
 
@@ -661,10 +638,10 @@ def test_scenario_9_2_saga_load_test(
 
 
 def test_scenario_9_2_concurrent_purchases_with_one_key(
-    purchase_stack: Stack, tokens: httpx.Client, user: Account
+    system: Stack, tokens: httpx.Client, user: Account
 ) -> None:
     responses = asyncio.run(
-        _purchase_concurrently(purchase_stack.url("tokens"), user, ["one-key"] * 20, [250] * 20)
+        _purchase_concurrently(system.url("tokens"), user, ["one-key"] * 20, [250] * 20)
     )
     saga_ids = {accepted(r)["sagaId"] for r in responses}
     assert len(saga_ids) == 1

@@ -23,11 +23,18 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.e2e.journeys import Account, login, register
+from tests.e2e.journeys import (
+    ADMIN_PASSWORD,
+    Account,
+    admin_env,
+    assert_error,
+    detail_fields,
+    login,
+    register,
+)
 
 pytestmark = pytest.mark.e2e
 
-ERROR_FIELDS = {"message", "timestamp", "code", "requestId"}
 # The plan's bodies, plus what we add on purpose: when the pool's window resets, and how many
 # tokens the charged pool has left after a consume.
 USER_QUOTA_FIELDS = {"userId", "provider", "totalTokens", "remainingTokens", "updatedAt", "resetAt"}
@@ -47,18 +54,16 @@ RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit
 CAPACITY = 100
 LEAK_PER_SECOND = 10.0
 ADMIN_USERNAME = "e2e_tokens_admin"
-ADMIN_PASSWORD = "admin-password-123"
 NO_SUCH_ORG = "99999999-9999-9999-9999-999999999999"
 
 
 @pytest.fixture(scope="module")
-def tokens_stack(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
+def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
     workdir, env, shape = stack_env
     running = Stack(workdir, env, shape)
     running.up(
         extra_env={
-            "LEAKY_ADMIN_USERNAME": ADMIN_USERNAME,
-            "LEAKY_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            **admin_env(ADMIN_USERNAME),
             "LEAKY_TOKENS__BUCKET_CAPACITY": str(CAPACITY),
             "LEAKY_TOKENS__BUCKET_LEAK_PER_SECOND": str(LEAK_PER_SECOND),
         }
@@ -67,18 +72,6 @@ def tokens_stack(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]
         yield running
     finally:
         running.stop_all()
-
-
-@pytest.fixture(scope="module")
-def auth(tokens_stack: Stack) -> Iterator[httpx.Client]:
-    with tokens_stack.client("auth") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def tokens(tokens_stack: Stack) -> Iterator[httpx.Client]:
-    with tokens_stack.client("tokens") as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +85,6 @@ def user(auth: httpx.Client) -> Account:
 
 
 # the plan's steps, as this module repeats them
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert body.keys() >= ERROR_FIELDS, body
-    assert body["code"] == code, body
-    assert body["requestId"] == response.headers["X-Request-Id"]
-    datetime.fromisoformat(body["timestamp"])
-    return body
-
-
-def detail_fields(body: dict[str, Any]) -> set[str]:
-    return {d["field"] for d in body.get("details", [])}
 
 
 def set_quota(
@@ -502,13 +481,13 @@ async def _consume_concurrently(
 
 
 def test_scenario_9_1_concurrent_token_consumption(
-    tokens_stack: Stack, tokens: httpx.Client, admin: Account, user: Account
+    system: Stack, tokens: httpx.Client, admin: Account, user: Account
 ) -> None:
     initial = 100_000
     set_quota(tokens, admin, user.user_id, initial)
 
     started = time.monotonic()
-    responses = asyncio.run(_consume_concurrently(tokens_stack.url("tokens"), user, 100))
+    responses = asyncio.run(_consume_concurrently(system.url("tokens"), user, 100))
     elapsed = time.monotonic() - started
 
     statuses = [r.status_code for r in responses]
