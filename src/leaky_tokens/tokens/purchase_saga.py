@@ -317,22 +317,14 @@ class SagaOrchestrator:
         if saga.status == STARTED:
             declined = await self._pay(lambda: self.payments.reserve(saga.id, saga.tokens))
             if declined:
-                return await self._move(
-                    saga,
-                    COMPENSATING,
-                    "PurchaseCompensating",
-                    reason=declined,
-                    failure_reason=declined,
-                )
+                return await self._start_compensating(saga, declined)
             return await self._move(
                 saga, PAYMENT_RESERVED, "PaymentReserved", payment_reserved=True
             )
         if saga.status == PAYMENT_RESERVED:
             if await self.flags.enabled("saga.simulate-failure"):
                 reason = "simulated failure after PAYMENT_RESERVED (saga.simulate-failure)"
-                return await self._move(
-                    saga, COMPENSATING, "PurchaseCompensating", reason=reason, failure_reason=reason
-                )
+                return await self._start_compensating(saga, reason)
             kind, owner = self._pool_of(saga)
 
             async def allocate(repo: SagaRepository) -> None:
@@ -346,17 +338,16 @@ class SagaOrchestrator:
         if saga.status == TOKENS_ALLOCATED:
             declined = await self._pay(lambda: self.payments.capture(saga.id, saga.tokens))
             if declined:
-                return await self._move(
-                    saga,
-                    COMPENSATING,
-                    "PurchaseCompensating",
-                    reason=declined,
-                    failure_reason=declined,
-                )
+                return await self._start_compensating(saga, declined)
             return await self._move(saga, COMPLETED, "PurchaseCompleted")
         if saga.status == COMPENSATING:
             return await self._compensate(saga)
         raise RuntimeError(f"saga {saga.id} in unknown status {saga.status}")
+
+    async def _start_compensating(self, saga: PurchaseSaga, reason: str) -> bool:
+        return await self._move(
+            saga, COMPENSATING, "PurchaseCompensating", reason=reason, failure_reason=reason
+        )
 
     async def _compensate(self, saga: PurchaseSaga) -> bool:
         """Undo in reverse: deallocate tokens, then release the payment, then FAILED."""
@@ -382,10 +373,7 @@ class SagaOrchestrator:
         attempts = saga.attempts + 1
         now = self.clock.now()
         if attempts >= self.settings.saga_max_attempts and saga.status != COMPENSATING:
-            why = f"gave up after {attempts} attempts: {reason}"
-            await self._move(
-                saga, COMPENSATING, "PurchaseCompensating", reason=why, failure_reason=why
-            )
+            await self._start_compensating(saga, f"gave up after {attempts} attempts: {reason}")
             return
         delay = min(60.0, self.settings.saga_retry_base_seconds * 2 ** min(attempts, 10))
         async with self.db.transaction() as session:
