@@ -26,7 +26,7 @@ from leaky_tokens.auth.schemas import (
 from leaky_tokens.auth.service import AuthService
 from leaky_tokens.shared.authn import CurrentPrincipal
 from leaky_tokens.shared.client_ip import client_ip
-from leaky_tokens.shared.errors import Forbidden, InvalidApiKey, ServiceUnavailable
+from leaky_tokens.shared.errors import InvalidApiKey, ServiceUnavailable
 from leaky_tokens.shared.pagination import Page, PageParams, page_of
 from leaky_tokens.shared.schemas import HealthRead
 
@@ -93,9 +93,7 @@ async def jwks(request: Request) -> dict[str, Any]:
 
 @router.post(f"{PREFIX}/admin/signing-keys/rotate", tags=["keys"])
 async def rotate_signing_key(request: Request, principal: CurrentPrincipal) -> KeyRotated:
-    if not principal.is_admin:
-        raise Forbidden("only an ADMIN may rotate signing keys")
-    return KeyRotated(kid=await _service(request).rotate_signing_key())
+    return KeyRotated(kid=await _service(request).rotate_signing_key_for(principal))
 
 
 def _key_read(key: ApiKey, service: AuthService) -> ApiKeyRead:

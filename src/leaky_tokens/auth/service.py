@@ -99,6 +99,12 @@ class AuthService:
                 await repo.add_signing_key(generate_key_material(now))
         await self.reload_signing_keys()
 
+    async def rotate_signing_key_for(self, principal: Principal) -> str:
+        """Rotation requested over HTTP: ADMIN only (the CLI calls rotate_signing_key itself)."""
+        if not principal.is_admin:
+            raise Forbidden("only an ADMIN may rotate signing keys")
+        return await self.rotate_signing_key()
+
     async def rotate_signing_key(self) -> str:
         async with self.db.transaction() as session:
             repo = AuthRepository(session)

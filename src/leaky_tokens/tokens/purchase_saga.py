@@ -25,7 +25,7 @@ import orjson
 from leaky_tokens.settings import TokensSettings
 from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.database import Database
-from leaky_tokens.shared.errors import InvalidRequest
+from leaky_tokens.shared.errors import Forbidden, InvalidRequest
 from leaky_tokens.shared.pagination import PageRequest
 from leaky_tokens.shared.principal import Principal
 from leaky_tokens.tokens.errors import IdempotencyConflict, PurchasesDisabled, SagaNotFound
@@ -173,6 +173,16 @@ class PurchaseService:
         saga = await self.get_purchase(principal, reference)
         async with self.db.read() as session:
             return await SagaRepository(session).events_of(saga.id)
+
+    async def read_flags(self, principal: Principal) -> dict[str, bool]:
+        if not principal.is_admin:
+            raise Forbidden("only an ADMIN may read feature flags")
+        return await self.flags.all()
+
+    async def set_flag(self, principal: Principal, name: str, enabled: bool) -> dict[str, bool]:
+        if not principal.is_admin:
+            raise Forbidden("only an ADMIN may change feature flags")
+        return await self.flags.set(name, enabled)
 
     async def list_purchases(
         self, principal: Principal, page: PageRequest

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from leaky_tokens.shared.authn import CurrentPrincipal
-from leaky_tokens.shared.errors import Forbidden, ServiceUnavailable
+from leaky_tokens.shared.errors import ServiceUnavailable
 from leaky_tokens.shared.pagination import Page, PageParams, page_of
 from leaky_tokens.shared.request_context import current_request_id
 from leaky_tokens.tokens.models import PurchaseSaga
@@ -241,15 +241,11 @@ async def list_purchases(
 
 @router.get("/admin/flags", tags=["admin"])
 async def get_flags(request: Request, principal: CurrentPrincipal) -> FlagsRead:
-    if not principal.is_admin:
-        raise Forbidden("only an ADMIN may read feature flags")
-    return FlagsRead(flags=await _purchases(request).flags.all())
+    return FlagsRead(flags=await _purchases(request).read_flags(principal))
 
 
 @router.put("/admin/flags/{name}", tags=["admin"])
 async def set_flag(
     name: str, body: FlagUpdate, request: Request, principal: CurrentPrincipal
 ) -> FlagsRead:
-    if not principal.is_admin:
-        raise Forbidden("only an ADMIN may change feature flags")
-    return FlagsRead(flags=await _purchases(request).flags.set(name, body.enabled))
+    return FlagsRead(flags=await _purchases(request).set_flag(principal, name, body.enabled))
