@@ -29,10 +29,11 @@ async def serving(app: FastAPI, port: int = 0, *, lifespan: bool = False) -> Asy
     config = uvicorn.Config(
         app,
         loop="none",
-        http="h11",
+        http="httptools",  # as in production
         lifespan="on" if lifespan else "off",
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # X-Forwarded-For is what the code under test decides about
         timeout_graceful_shutdown=1,
     )
     server = _QuietServer(config)

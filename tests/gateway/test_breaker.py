@@ -3,12 +3,8 @@ how it closes again."""
 
 from __future__ import annotations
 
-from tests.gateway.gateway_harness import (
-    Reply,
-    assert_error,
-    closed_port,
-    running_gateway,
-)
+from tests.gateway.gateway_harness import Reply, assert_error, running_gateway
+from tests.live_server import closed_port
 
 FALLBACK_KEYS = {"service", "status", "message", "timestamp", "code", "requestId"}
 BREAKER = {

@@ -18,8 +18,8 @@ from tests.gateway.gateway_harness import (
     Reply,
     assert_error,
     running_gateway,
-    serving,
 )
+from tests.live_server import serving
 
 
 @pytest.fixture

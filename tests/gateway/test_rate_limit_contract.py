@@ -22,7 +22,7 @@ from leaky_tokens.gateway.rate_limit import (
 )
 from leaky_tokens.gateway.redis_script import ScriptClient
 from leaky_tokens.shared.clock import FakeClock
-from tests.gateway.gateway_harness import closed_port
+from tests.live_server import closed_port
 
 WINDOW = 2  # seconds: long enough to count in, short enough to wait out on Redis
 

@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from leaky_tokens.gateway.redis_script import ScriptClient, _Incomplete, _parse
-from tests.gateway.gateway_harness import closed_port
+from tests.live_server import closed_port
 
 ECHO = "return {KEYS[1], tonumber(ARGV[1]) + 1, redis.call('INCR', KEYS[1])}"
 
