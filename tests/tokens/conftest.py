@@ -32,6 +32,8 @@ from tests.backends import (
     need_redis,
 )
 
+STUB_TOKEN = "stub-internal-token"
+
 
 class HostRouter(httpx.AsyncBaseTransport):
     """Sends each request to the in-process app named by its host (http://openai, ...)."""
@@ -52,7 +54,11 @@ class Rig:
     shape: str
 
     async def set_faults(self, provider: str, **faults: object) -> None:
-        response = await self.stubs.put(f"http://{provider}/api/v1/{provider}/faults", json=faults)
+        response = await self.stubs.put(
+            f"http://{provider}/api/v1/{provider}/faults",
+            json=faults,
+            headers={"X-Internal-Token": STUB_TOKEN},
+        )
         assert response.status_code == 200, response.text
 
     async def new_user_pool(self, total: int, *, remaining: int | None = None) -> uuid.UUID:
@@ -124,7 +130,14 @@ async def rig(shape: tuple[str, str], token_settings: TokensSettings) -> AsyncIt
     else:
         buckets = MemoryLeakyBucket()
     stub_transports: dict[str, httpx.AsyncBaseTransport] = {
-        p: httpx.ASGITransport(app=create_provider_app(p, log_access=False, rng=random.Random(7)))  # type: ignore[arg-type]
+        p: httpx.ASGITransport(
+            app=create_provider_app(
+                p,  # type: ignore[arg-type]
+                internal_token=STUB_TOKEN,
+                log_access=False,
+                rng=random.Random(7),
+            )
+        )
         for p in PROVIDERS
     }
     router = HostRouter(stub_transports)

@@ -32,6 +32,7 @@ from leaky_tokens.shared.app import build_service_app
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
+from leaky_tokens.shared.events import resolve_internal_token
 from leaky_tokens.shared.http import error_response
 
 router = APIRouter()
@@ -134,6 +135,7 @@ def create_gateway_app(
         RouteTable(gateway),
         GatewayMetrics(app.state.metrics.registry),
         trusted_proxies=gateway.trusted_proxies,
+        internal_token=resolve_internal_token(settings.internal_token, settings.data_dir),
     )
     app.state.edge = edge
     own_paths = frozenset(

@@ -97,8 +97,11 @@ class GatewayEdge:
         metrics: GatewayMetrics,
         *,
         trusted_proxies: list[str],
+        internal_token: str = "",
     ) -> None:
         self.routes = routes
+        # Sent on to the provider stubs' fault switch (ADMIN-only here), which needs it.
+        self._internal_token = internal_token.encode("latin-1")
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
         self._labels: dict[str, RouteLabel] = {}
@@ -198,6 +201,9 @@ class GatewayEdge:
             ),
             host=host,
         )
+        if route.admin_only and self._internal_token:
+            headers = [h for h in headers if h[0] != b"x-internal-token"]
+            headers.append((b"x-internal-token", self._internal_token))
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in limits.items()]
         length = int(content_length) if content_length and content_length.isdigit() else None
         try:
