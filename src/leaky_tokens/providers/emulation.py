@@ -246,16 +246,18 @@ async def paced_events(
     decision: Decision,
     *,
     default_delay_ms: int,
-    error_event: Callable[[], bytes],
+    error_event: Callable[[int], bytes],
 ) -> AsyncIterator[bytes]:
-    """Yield SSE events with the chunk delay, breaking off where the faults say."""
+    """Yield SSE events with the chunk delay, breaking off where the faults say.
+
+    `error_event(n)` renders the provider's error event sent after n events."""
     faults = decision.faults
     delay = decision.chunk_delay_seconds(default_delay_ms)
     for sent, event in enumerate(events):
         if faults.cut_stream_after is not None and sent >= faults.cut_stream_after:
             raise StreamCut
         if faults.error_event_after is not None and sent >= faults.error_event_after:
-            yield error_event()
+            yield error_event(sent)
             return
         if sent and delay:
             await asyncio.sleep(delay)

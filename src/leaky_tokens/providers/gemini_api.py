@@ -262,7 +262,7 @@ class GeminiEmulator:
             (sse(c, separator=_SEPARATOR) for c in events),
             decision,
             default_delay_ms=self.settings.chunk_delay_ms,
-            error_event=lambda: sse(self.server_error(as_array=False).body, separator=_SEPARATOR),
+            error_event=lambda _: sse(self.server_error(as_array=False).body, separator=_SEPARATOR),
         )
         return stream_response(paced, {})
 

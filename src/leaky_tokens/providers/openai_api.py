@@ -9,6 +9,7 @@ header, a `request_id` in error bodies, at most 10 embedding inputs and float ve
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -282,7 +283,7 @@ class OpenAiEmulator:
                 events,
                 decision,
                 default_delay_ms=self.settings.chunk_delay_ms,
-                error_event=lambda: sse(self.dialect.server_error().body),
+                error_event=lambda _: sse(self.dialect.server_error().body),
             )
             return stream_response(paced, self._headers())
         message: dict[str, Any] = {"role": "assistant", "content": reply.text}
@@ -496,22 +497,21 @@ class OpenAiEmulator:
             while len(self.stored) > STORED_RESPONSES:
                 self.stored.popitem(last=False)
         if body.get("stream") is True:
-            sequence = iter(range(1_000_000))
 
-            def error_event() -> bytes:
+            def error_event(sent: int) -> bytes:
                 return sse(
                     {
                         "type": "error",
                         "code": "server_error",
                         "message": "The server had an error while processing your request.",
                         "param": None,
-                        "sequence_number": next(sequence),
+                        "sequence_number": sent,
                     },
                     event="error",
                 )
 
             paced = paced_events(
-                self.response_events(response, reply, sequence),
+                self.response_events(response, reply),
                 decision,
                 default_delay_ms=self.settings.chunk_delay_ms,
                 error_event=error_event,
@@ -570,9 +570,9 @@ class OpenAiEmulator:
             "metadata": {},
         }
 
-    def response_events(
-        self, response: dict[str, Any], reply: Reply, sequence: Iterator[int]
-    ) -> Iterator[bytes]:
+    def response_events(self, response: dict[str, Any], reply: Reply) -> Iterator[bytes]:
+        sequence = itertools.count()
+
         def event(kind: str, **fields: Any) -> bytes:
             return sse({"type": kind, "sequence_number": next(sequence), **fields}, event=kind)
 
