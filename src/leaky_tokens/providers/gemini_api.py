@@ -60,9 +60,18 @@ def retry_delay(milliseconds: int) -> str:
     return f"{seconds}s" if not millis else f"{seconds}.{millis:03d}s"
 
 
+def field(body: Mapping[str, Any], camel: str, snake: str) -> Any:
+    """A request field under its JSON name or its proto name (the API takes both)."""
+    return body.get(camel, body.get(snake))
+
+
+def thinking_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    found = field(config, "thinkingConfig", "thinking_config")
+    return found if isinstance(found, dict) else {}
+
+
 def is_thinking_model(model: str, config: Mapping[str, Any]) -> bool:
-    thinking = config.get("thinkingConfig") or config.get("thinking_config") or {}
-    if isinstance(thinking, dict) and thinking.get("thinkingBudget", -1) == 0:
+    if field(thinking_config(config), "thinkingBudget", "thinking_budget") == 0:
         return False
     return "2.5" in model or model.startswith("gemini-3") or "thinking" in model
 
@@ -181,7 +190,7 @@ class GeminiEmulator:
         if not isinstance(contents, list) or not contents:
             raise self.invalid("* GenerateContentRequest.contents: contents is not specified\n")
         messages: list[dict[str, Any]] = []
-        system = body.get("systemInstruction", body.get("system_instruction"))
+        system = field(body, "systemInstruction", "system_instruction")
         if isinstance(system, dict):
             messages.append({"role": "system", "content": parts_text(system.get("parts"))})
         for i, content in enumerate(contents):
@@ -198,7 +207,7 @@ class GeminiEmulator:
 
     def parse(self, model: str, body: Mapping[str, Any]) -> GenerateCall:
         messages = self._messages(body)
-        config = body.get("generationConfig", body.get("generation_config")) or {}
+        config = field(body, "generationConfig", "generation_config") or {}
         if not isinstance(config, dict):
             raise self.invalid("Invalid value at 'generation_config': expected an object.")
         try:
@@ -208,9 +217,8 @@ class GeminiEmulator:
                 "* GenerateContentRequest.generation_config.max_output_tokens: must be a "
                 "positive integer.\n"
             ) from None
-        thinking_config = config.get("thinkingConfig") or {}
-        include_thoughts = isinstance(thinking_config, dict) and bool(
-            thinking_config.get("includeThoughts")
+        include_thoughts = bool(
+            field(thinking_config(config), "includeThoughts", "include_thoughts")
         )
         return GenerateCall(
             model, messages, max_output, is_thinking_model(model, config), include_thoughts
