@@ -24,13 +24,14 @@ async def stub(request: pytest.FixtureRequest) -> AsyncIterator[LiveStub]:
         yield running
 
 
+def sdk_for(stub: LiveStub) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stub.api_url, api_key="sk-test", max_retries=0)
+
+
 @pytest.fixture
 async def client(stub: LiveStub) -> AsyncIterator[openai.AsyncOpenAI]:
-    sdk = openai.AsyncOpenAI(base_url=stub.api_url, api_key="sk-test", max_retries=0)
-    try:
+    async with sdk_for(stub) as sdk:
         yield sdk
-    finally:
-        await sdk.close()
 
 
 def model_of(stub: LiveStub) -> str:
@@ -419,11 +420,8 @@ async def test_dashscope_takes_at_most_ten_inputs(qwen_stub: LiveStub) -> None:
 
 @pytest.fixture
 async def openai_client(openai_stub: LiveStub) -> AsyncIterator[openai.AsyncOpenAI]:
-    sdk = openai.AsyncOpenAI(base_url=openai_stub.api_url, api_key="sk-test", max_retries=0)
-    try:
+    async with sdk_for(openai_stub) as sdk:
         yield sdk
-    finally:
-        await sdk.close()
 
 
 async def test_responses_plain_with_instructions_and_usage(

@@ -25,7 +25,7 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Send
 
-from leaky_tokens.providers.faults import Decision
+from leaky_tokens.providers.faults import Decision, FaultInjector
 from leaky_tokens.settings import StubSettings
 from leaky_tokens.shared.tokenizer import Tokenizer
 
@@ -196,15 +196,20 @@ def optional_int(body: Mapping[str, Any], *names: str) -> tuple[str, int | None]
 # --- faults before an answer --------------------------------------------------------------
 
 
-async def suffer(decision: Decision, request: Request, error: Callable[[], Exception]) -> None:
-    """Wait the latency; hang until the client leaves; raise the decided error."""
+async def admit(
+    injector: FaultInjector, request: Request, error_for: Callable[[Decision], Exception]
+) -> Decision:
+    """Draw this call's faults, wait the latency, hang until the client leaves, or raise the
+    decided error as `error_for` renders it; the decision then rules the answer's stream."""
+    decision = injector.decide()
     if decision.latency_seconds:
         await asyncio.sleep(decision.latency_seconds)
     if decision.faults.hang:
         await wait_for_disconnect(request)
         raise ClientGone
     if decision.error is not None:
-        raise error()
+        raise error_for(decision)
+    return decision
 
 
 async def wait_for_disconnect(request: Request) -> None:

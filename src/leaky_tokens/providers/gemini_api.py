@@ -23,6 +23,7 @@ from starlette.responses import Response
 from leaky_tokens.providers.emulation import (
     ProviderApiError,
     Reply,
+    admit,
     compose_reply,
     embedding_vector,
     json_response,
@@ -32,7 +33,6 @@ from leaky_tokens.providers.emulation import (
     request_seed,
     sse,
     stream_response,
-    suffer,
 )
 from leaky_tokens.providers.faults import Decision, FaultInjector
 from leaky_tokens.settings import StubSettings
@@ -225,9 +225,7 @@ class GeminiEmulator:
         )
 
     async def _admit(self, request: Request, model: str) -> Decision:
-        decision = self.injector.decide()
-        await suffer(decision, request, lambda: self.fault(decision, model))
-        return decision
+        return await admit(self.injector, request, lambda d: self.fault(d, model))
 
     # --- generateContent ------------------------------------------------------------------
 

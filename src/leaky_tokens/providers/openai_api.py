@@ -22,6 +22,7 @@ from starlette.responses import Response
 from leaky_tokens.providers.emulation import (
     ProviderApiError,
     Reply,
+    admit,
     base64_floats,
     compose_reply,
     embedding_vector,
@@ -32,7 +33,6 @@ from leaky_tokens.providers.emulation import (
     request_seed,
     sse,
     stream_response,
-    suffer,
 )
 from leaky_tokens.providers.faults import Decision, FaultInjector
 from leaky_tokens.settings import StubSettings
@@ -258,9 +258,7 @@ class OpenAiEmulator:
         )
 
     async def _admit(self, request: Request, model: str) -> Decision:
-        decision = self.injector.decide()
-        await suffer(decision, request, lambda: self.dialect.fault(decision, model))
-        return decision
+        return await admit(self.injector, request, lambda d: self.dialect.fault(d, model))
 
     def _headers(self) -> dict[str, str]:
         return {} if self.dialect.dashscope else rate_limit_headers()

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request, Response, status
 
-from leaky_tokens.providers.emulation import suffer
+from leaky_tokens.providers.emulation import admit
 from leaky_tokens.providers.faults import FaultInjector, plan_error
 from leaky_tokens.providers.schemas import (
     ChatRead,
@@ -90,8 +90,7 @@ def build_router(
         },
     )
     async def chat(request: Request, body: ChatBody) -> ChatRead:
-        decision = injector.decide()
-        await suffer(decision, request, lambda: plan_error(decision))
+        await admit(injector, request, plan_error)
         return compose_reply(provider, body, clock.now())
 
     @router.get(
