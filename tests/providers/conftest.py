@@ -53,7 +53,7 @@ async def live_stub(provider: ProviderName, **settings: Any) -> AsyncIterator[Li
         log_access=False,
         rng=random.Random(3),
     )
-    async with serving(app) as url:
+    async with serving(app, lifespan=True) as url:  # the lifespan loads the tokenizer
         async with httpx.AsyncClient(
             base_url=url, headers={"X-Internal-Token": TOKEN}, timeout=10
         ) as control:

@@ -19,6 +19,7 @@ from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.principal import Principal
+from leaky_tokens.shared.tokenizer import preload
 from leaky_tokens.tokens.app import provider_settings
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
@@ -34,6 +35,13 @@ from tests.backends import (
 from tests.httpx_outbound import HttpxOutbound
 
 STUB_TOKEN = "stub-internal-token"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tokenizer_loaded() -> None:
+    # The stubs count tokens; their apps run here without a lifespan, so load the vocabularies
+    # once up front instead of inside a test's first (timed) provider call.
+    preload()
 
 
 class HostRouter(httpx.AsyncBaseTransport):

@@ -75,11 +75,10 @@ def create_provider_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Load the vocabularies off the event loop and without holding up start-up; a call
-        # that comes first waits for the load (about a second) instead of repeating it.
-        warm = asyncio.get_running_loop().run_in_executor(None, preload, *ENCODINGS[provider])
+        # The vocabularies load (about a second of CPU) before the stub reports itself started,
+        # off the event loop: otherwise its first call would stall every other one meanwhile.
+        await asyncio.to_thread(preload, *ENCODINGS[provider])
         yield
-        await warm
 
     app = build_service_app(
         f"{provider}-stub",
