@@ -249,6 +249,24 @@ class GatewaySettings(BaseModel):
         return value
 
 
+class StubSettings(BaseModel):
+    """How the provider emulators (qwen, gemini, openai stubs) answer; faults come at run time."""
+
+    chunk_delay_ms: int = Field(0, ge=0, le=60_000)  # pause before each streamed chunk
+    tokens_per_chunk: int = Field(4, ge=1, le=1000)  # reply tokens per streamed chunk
+    reply_min_tokens: int = Field(12, ge=1, le=4096)  # a reply's natural length lies in
+    reply_max_tokens: int = Field(48, ge=1, le=4096)  # [min, max], picked by the prompt's hash
+    # When set, the emulated APIs answer only this key (Bearer, x-goog-api-key or ?key=), so a
+    # test can tell the adapters send the configured key; empty: any non-empty key.
+    api_key: str = ""
+
+    @model_validator(mode="after")
+    def _reply_range(self) -> StubSettings:
+        if self.reply_min_tokens > self.reply_max_tokens:
+            raise ValueError("reply_min_tokens must not exceed reply_max_tokens")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LEAKY_",
@@ -277,6 +295,7 @@ class Settings(BaseSettings):
     analytics: AnalyticsSettings = AnalyticsSettings()
     events: EventsSettings = EventsSettings()
     gateway: GatewaySettings = GatewaySettings()
+    stubs: StubSettings = StubSettings()
     redis: RedisSettings = RedisSettings()
 
     @field_validator("redis_url")

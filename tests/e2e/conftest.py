@@ -145,6 +145,10 @@ class Stack:
     def client(self, service: str, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url(service), timeout=30.0, **kwargs)  # type: ignore[arg-type]
 
+    def internal_token(self) -> str:
+        """The token of internal endpoints, made by the first process in the data directory."""
+        return (self.workdir / "var" / "internal_token").read_text().strip()
+
     def stop_all(self) -> None:
         for process in self.processes:
             process.stop()

@@ -431,10 +431,6 @@ def stored_usage(stack: Stack, account: Account) -> dict[str, Any]:
     }
 
 
-def internal_token(stack: Stack) -> str:
-    return (stack.workdir / "var" / "internal_token").read_text().strip()
-
-
 def usage_event(user_id: str, tokens: int, at: datetime) -> dict[str, Any]:
     event_id = str(uuid.uuid4())
     stamp = at.isoformat().replace("+00:00", "Z")
@@ -464,7 +460,7 @@ def ingest(stack: Stack, events: list[dict[str, Any]]) -> None:
         response = analytics.post(
             "/api/v1/analytics/events",
             json={"events": events},
-            headers={"X-Internal-Token": internal_token(stack)},
+            headers={"X-Internal-Token": stack.internal_token()},
         )
     assert response.status_code == 200, response.text
 

@@ -128,7 +128,8 @@ def assert_works_again(tokens: httpx.Client, account: Account) -> None:
 def test_scenario_4_4_provider_failure_injected(
     provider_stack: ProviderStack, tokens: httpx.Client, user: Account
 ) -> None:
-    with provider_stack.stack.client("openai") as openai:
+    internal = {"X-Internal-Token": provider_stack.stack.internal_token()}
+    with provider_stack.stack.client("openai", headers=internal) as openai:
         down = openai.put("/api/v1/openai/faults", json={"down": True})
         assert down.status_code == 200, down.text
         try:

@@ -184,9 +184,13 @@ class Gateway:
         return client
 
 
+INTERNAL_TOKEN = "gateway-harness-internal-token"
+
+
 def gateway_settings(upstream_url: str, redis_url: str = "", **gateway: Any) -> Settings:
     return Settings(
         access_log=False,
+        internal_token=INTERNAL_TOKEN,
         redis_url=redis_url,
         urls=dict.fromkeys(SERVICES, upstream_url),
         gateway=gateway,

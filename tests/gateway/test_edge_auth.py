@@ -19,7 +19,7 @@ from leaky_tokens.shared.errors import (
     ServiceUnavailable,
 )
 from tests.fake_http import Answer, fake_service
-from tests.gateway.gateway_harness import Gateway, assert_error, running_gateway
+from tests.gateway.gateway_harness import INTERNAL_TOKEN, Gateway, assert_error, running_gateway
 
 ISSUER = "leaky-tokens"
 
@@ -129,6 +129,21 @@ async def test_the_provider_fault_switch_takes_an_admin(gw: Gateway) -> None:
     assert_error(refused, 403, "FORBIDDEN")
     assert allowed.status_code == 200
     assert len(gw.upstream.seen) == 1
+
+
+async def test_the_fault_switch_reaches_the_stub_with_the_internal_token(gw: Gateway) -> None:
+    # The stubs' fault switch needs the internal token; an ADMIN's call carries the gateway's,
+    # never one the caller made up.
+    admin = gw.auth.add_key(admin=True)
+    headers = {"X-Api-Key": admin, "X-Internal-Token": "made-up"}
+
+    allowed = await gw.client().put("/api/v1/openai/faults", json={}, headers=headers)
+    other = await gw.client().get("/api/v1/tokens/status", headers={"X-Api-Key": admin})
+
+    assert allowed.status_code == 200
+    sent = [dict(seen.headers).get("x-internal-token") for seen in gw.upstream.seen]
+    assert sent == [INTERNAL_TOKEN, None]
+    assert other.status_code == 200
 
 
 async def test_a_spoofed_identity_header_is_no_identity(gw: Gateway) -> None:

@@ -14,10 +14,26 @@ from fastapi import FastAPI
 
 from leaky_tokens.providers import create_provider_app
 from leaky_tokens.providers.schemas import ProviderName
-from leaky_tokens.providers.usage import count_prompt_tokens, count_tokens, prompt_text
+from leaky_tokens.providers.usage import count_prompt_tokens, prompt_text
 from leaky_tokens.shared.clock import FakeClock
+from leaky_tokens.shared.tokenizer import count_text
 
 ERROR_FIELDS = {"message", "timestamp", "code", "requestId"}
+TOKEN = "stub-test-internal-token"
+INTERNAL = {"X-Internal-Token": TOKEN}
+NO_FAULTS = {
+    "failureRate": 0.0,
+    "latencyMs": 0,
+    "down": False,
+    "rateLimited": False,
+    "retryAfterMs": 1000,
+    "hang": False,
+    "chunkDelayMs": None,
+    "cutStreamAfter": None,
+    "errorEventAfter": None,
+    "errorAsArray": False,
+    "remainingCalls": None,
+}
 
 # The request bodies of scenario 7.1, steps 1-3.
 PLAN_REQUESTS: dict[ProviderName, tuple[dict[str, Any], str]] = {
@@ -32,7 +48,11 @@ PLAN_REQUESTS: dict[ProviderName, tuple[dict[str, Any], str]] = {
 
 def stub_app(provider: ProviderName = "openai", *, seed: int = 0) -> FastAPI:
     return create_provider_app(
-        provider, log_access=False, rng=random.Random(seed), clock=FakeClock()
+        provider,
+        internal_token=TOKEN,
+        log_access=False,
+        rng=random.Random(seed),
+        clock=FakeClock(),
     )
 
 
@@ -43,7 +63,10 @@ async def openai() -> AsyncIterator[httpx.AsyncClient]:
 
 
 def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    """A client that carries the internal token, as the gateway does for an ADMIN."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test", headers=INTERNAL
+    )
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -87,32 +110,23 @@ async def test_each_reply_has_a_fresh_id(openai: httpx.AsyncClient) -> None:
 # --- usage --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("text", "tokens"), [("", 0), ("a", 1), ("abcd", 1), ("abcde", 2), ("x" * 400, 100)]
-)
-def test_count_tokens_is_ceil_of_characters_over_four(text: str, tokens: int) -> None:
-    assert count_tokens(text) == tokens
-
-
 @pytest.mark.parametrize("provider", ["qwen", "gemini", "openai"])
-async def test_usage_counts_the_prompt_text_and_the_reply_message(provider: ProviderName) -> None:
+async def test_usage_counts_the_prompt_text_and_the_reply_with_the_tokenizer(
+    provider: ProviderName,
+) -> None:
     request, message = PLAN_REQUESTS[provider]
     async with client_for(stub_app(provider)) as client:
         response = await client.post(f"/api/v1/{provider}/chat", json=request)
 
     usage = response.json()["usage"]
-    assert usage["promptTokens"] == 2  # "Hello": ceil(5 / 4)
-    assert usage["completionTokens"] == count_tokens(message) == 6
+    assert usage["promptTokens"] == count_text(provider, "", "Hello") == 1
+    assert usage["completionTokens"] == count_text(provider, "", message) > 0
     assert usage["totalTokens"] == usage["promptTokens"] + usage["completionTokens"]
 
 
 async def test_usage_of_the_token_service_prompt_shape(openai: httpx.AsyncClient) -> None:
-    response = await openai.post("/api/v1/openai/chat", json={"prompt": "x" * 41})
-    assert response.json()["usage"] == {
-        "promptTokens": 11,
-        "completionTokens": 6,
-        "totalTokens": 17,
-    }
+    response = await openai.post("/api/v1/openai/chat", json={"prompt": "令牌网关" * 10})
+    assert response.json()["usage"]["promptTokens"] == count_text("openai", "", "令牌网关" * 10)
 
 
 async def test_usage_is_zero_prompt_tokens_without_text(openai: httpx.AsyncClient) -> None:
@@ -134,14 +148,14 @@ def test_prompt_text_gathers_every_text_field_but_not_metadata() -> None:
         "temperature": 0.2,
     }
     assert prompt_text(body) == "Sabcdefghi"
-    assert count_prompt_tokens(body) == 3
+    assert count_prompt_tokens("openai", body) == count_text("openai", "gpt-4", "Sabcdefghi")
 
 
 def test_prompt_text_survives_deep_nesting() -> None:
     body: dict[str, Any] = {"prompt": "abcd"}
     for _ in range(10_000):
         body = {"n": [body]}
-    assert count_prompt_tokens(body) == 1
+    assert count_prompt_tokens("openai", body) == 1
 
 
 # --- request errors -----------------------------------------------------------------------
@@ -189,11 +203,50 @@ def test_an_unknown_provider_cannot_be_built() -> None:
 async def test_no_faults_by_default(openai: httpx.AsyncClient) -> None:
     response = await openai.get("/api/v1/openai/faults")
     assert response.status_code == 200
-    assert response.json() == {"failureRate": 0.0, "latencyMs": 0, "down": False}
+    assert response.json() == NO_FAULTS
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-Internal-Token": "guess"}])
+@pytest.mark.parametrize(
+    ("method", "body"), [("GET", None), ("PUT", {"down": True}), ("DELETE", None)]
+)
+async def test_fault_control_needs_the_internal_token(
+    headers: dict[str, str], method: str, body: Any
+) -> None:
+    app = stub_app("openai")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers
+    ) as stranger:
+        response = await stranger.request(method, "/api/v1/openai/faults", json=body)
+        chat = await stranger.post("/api/v1/openai/chat", json={"prompt": "hi"})
+    assert_error(response, 401, "AUTH_INVALID_INTERNAL_TOKEN")
+    assert chat.status_code == 200  # nothing was switched on
+
+
+async def test_without_a_configured_token_nobody_can_set_faults() -> None:
+    app = create_provider_app("qwen", log_access=False)
+    assert len(app.state.internal_token) >= 32
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        response = await client.put("/api/v1/qwen/faults", json={"down": True}, headers=INTERNAL)
+    assert_error(response, 401, "AUTH_INVALID_INTERNAL_TOKEN")
 
 
 async def test_put_faults_answers_and_keeps_the_current_faults(openai: httpx.AsyncClient) -> None:
-    faults = {"failureRate": 0.25, "latencyMs": 10, "down": True}
+    faults = {
+        **NO_FAULTS,
+        "failureRate": 0.25,
+        "latencyMs": 10,
+        "down": True,
+        "rateLimited": True,
+        "retryAfterMs": 250,
+        "chunkDelayMs": 5,
+        "cutStreamAfter": 3,
+        "errorEventAfter": 2,
+        "errorAsArray": True,
+        "remainingCalls": 4,
+    }
     put = await openai.put("/api/v1/openai/faults", json=faults)
     assert put.status_code == 200
     assert put.json() == faults
@@ -203,7 +256,7 @@ async def test_put_faults_answers_and_keeps_the_current_faults(openai: httpx.Asy
 async def test_put_faults_replaces_the_whole_set(openai: httpx.AsyncClient) -> None:
     await openai.put("/api/v1/openai/faults", json={"failureRate": 0.5, "down": True})
     put = await openai.put("/api/v1/openai/faults", json={"latencyMs": 5})
-    assert put.json() == {"failureRate": 0.0, "latencyMs": 5, "down": False}
+    assert put.json() == {**NO_FAULTS, "latencyMs": 5}
 
 
 async def test_down_answers_503_service_unavailable(openai: httpx.AsyncClient) -> None:
@@ -262,7 +315,7 @@ async def test_delete_faults_clears_them(openai: httpx.AsyncClient) -> None:
     assert deleted.status_code == 204
     assert deleted.content == b""
     faults = await openai.get("/api/v1/openai/faults")
-    assert faults.json() == {"failureRate": 0.0, "latencyMs": 0, "down": False}
+    assert faults.json() == NO_FAULTS
     chat = await openai.post("/api/v1/openai/chat", json={"prompt": "hi"})
     assert chat.status_code == 200
 
@@ -294,6 +347,11 @@ async def test_faults_belong_to_one_stub() -> None:
         {"down": "yes"},
         {"down": 1},
         {"failurerate": 1.0},
+        {"retryAfterMs": -1},
+        {"cutStreamAfter": -1},
+        {"errorEventAfter": "2"},
+        {"remainingCalls": 0},
+        {"hang": "no"},
         [],
     ],
 )
@@ -306,7 +364,7 @@ async def test_invalid_faults_are_a_400_and_change_nothing(
 
     assert_error(response, 400, "INVALID_REQUEST")
     current = await openai.get("/api/v1/openai/faults")
-    assert current.json() == {"failureRate": 0.0, "latencyMs": 1, "down": False}
+    assert current.json() == {**NO_FAULTS, "latencyMs": 1}
 
 
 async def test_malformed_faults_json_is_a_400(openai: httpx.AsyncClient) -> None:
@@ -354,8 +412,14 @@ async def test_openapi_documents_the_response_models(openai: httpx.AsyncClient) 
         "completionTokens",
         "totalTokens",
     }
-    assert set(schema["paths"]) == {
+    assert set(schema["paths"]) >= {
         "/api/v1/openai/chat",
         "/api/v1/openai/faults",
         "/api/v1/openai/health",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/responses/{response_id}",
     }

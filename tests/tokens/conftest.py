@@ -19,6 +19,7 @@ from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.principal import Principal
+from leaky_tokens.shared.tokenizer import preload
 from leaky_tokens.tokens.app import provider_settings
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
@@ -32,6 +33,15 @@ from tests.backends import (
     need_redis,
 )
 from tests.httpx_outbound import HttpxOutbound
+
+STUB_TOKEN = "stub-internal-token"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tokenizer_loaded() -> None:
+    # The stubs count tokens; their apps run here without a lifespan, so load the vocabularies
+    # once up front instead of inside a test's first (timed) provider call.
+    preload()
 
 
 class HostRouter(httpx.AsyncBaseTransport):
@@ -53,7 +63,11 @@ class Rig:
     shape: str
 
     async def set_faults(self, provider: str, **faults: object) -> None:
-        response = await self.stubs.put(f"http://{provider}/api/v1/{provider}/faults", json=faults)
+        response = await self.stubs.put(
+            f"http://{provider}/api/v1/{provider}/faults",
+            json=faults,
+            headers={"X-Internal-Token": STUB_TOKEN},
+        )
         assert response.status_code == 200, response.text
 
     async def new_user_pool(self, total: int, *, remaining: int | None = None) -> uuid.UUID:
@@ -135,7 +149,14 @@ async def rig(
     else:
         buckets = MemoryLeakyBucket()
     stub_transports: dict[str, httpx.AsyncBaseTransport] = {
-        p: httpx.ASGITransport(app=create_provider_app(p, log_access=False, rng=random.Random(7)))  # type: ignore[arg-type]
+        p: httpx.ASGITransport(
+            app=create_provider_app(
+                p,  # type: ignore[arg-type]
+                internal_token=STUB_TOKEN,
+                log_access=False,
+                rng=random.Random(7),
+            )
+        )
         for p in PROVIDERS
     }
     router = HostRouter(stub_transports)

@@ -26,6 +26,7 @@ from leaky_tokens.shared.app import build_service_app
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
+from leaky_tokens.shared.events import resolve_internal_token
 from leaky_tokens.shared.http import error_response
 from leaky_tokens.shared.outbound import client_session
 from leaky_tokens.shared.rate_limit import (
@@ -158,6 +159,7 @@ def create_gateway_app(
         max_headers=gateway.max_headers,
         max_header_bytes=gateway.max_header_bytes,
         address_limiter=MemoryFixedWindowLimiter(clock),
+        internal_token=resolve_internal_token(settings.internal_token, settings.data_dir),
     )
     app.state.edge = edge
     own_paths = frozenset(

@@ -118,8 +118,11 @@ class GatewayEdge:
         max_headers: int = 100,
         max_header_bytes: int = 32 * 1024,
         address_limiter: MemoryFixedWindowLimiter | None = None,
+        internal_token: str = "",
     ) -> None:
         self.routes = routes
+        # Sent on to the provider stubs' fault switch (ADMIN-only here), which needs it.
+        self._internal_token = internal_token.encode("latin-1")
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
         self._labels: dict[str, RouteLabel] = {}
@@ -245,6 +248,9 @@ class GatewayEdge:
             ),
             host=host,
         )
+        if route.admin_only and self._internal_token:
+            headers = [h for h in headers if h[0] != b"x-internal-token"]
+            headers.append((b"x-internal-token", self._internal_token))
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in limits.items()]
         length = int(lengths[0]) if lengths and not codings else None
         try:

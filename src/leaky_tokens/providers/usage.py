@@ -1,8 +1,10 @@
-"""Deterministic token counting for stub replies: ceil(characters / 4) over the request's text."""
+"""Token usage of the plan's chat route: the offline tokenizer over the request's text."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from leaky_tokens.shared.tokenizer import count_text
 
 # Keys whose string values are prompt text in the request shapes we accept: OpenAI chat
 # (messages[].content, possibly a list of {"type": "text", "text": ...} parts), OpenAI
@@ -10,13 +12,6 @@ from typing import Any
 # DashScope (input.prompt) and our token service ({"prompt": ...}). Metadata such as "model"
 # and "role" is not text the model reads, so it is not counted.
 TEXT_KEYS = frozenset({"prompt", "content", "text", "input", "system", "instructions"})
-
-CHARS_PER_TOKEN = 4
-
-
-def count_tokens(text: str) -> int:
-    """ceil(len / 4): 0 for empty text, at least 1 otherwise."""
-    return -(-len(text) // CHARS_PER_TOKEN)
 
 
 def prompt_text(body: Any) -> str:
@@ -40,5 +35,6 @@ def prompt_text(body: Any) -> str:
     return "".join(pieces)
 
 
-def count_prompt_tokens(body: Any) -> int:
-    return count_tokens(prompt_text(body))
+def count_prompt_tokens(provider: str, body: dict[str, Any]) -> int:
+    model = body.get("model")
+    return count_text(provider, model if isinstance(model, str) else "", prompt_text(body))

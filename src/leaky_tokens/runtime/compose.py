@@ -52,8 +52,14 @@ def _gateway(settings: Settings) -> FastAPI:
 def _provider(name: str) -> Callable[[Settings], FastAPI]:
     def build(settings: Settings) -> FastAPI:
         from leaky_tokens.providers import create_provider_app
+        from leaky_tokens.shared.events import resolve_internal_token
 
-        return create_provider_app(name, log_access=settings.access_log)  # type: ignore[arg-type]
+        return create_provider_app(
+            name,  # type: ignore[arg-type]
+            internal_token=resolve_internal_token(settings.internal_token, settings.data_dir),
+            settings=settings.stubs,
+            log_access=settings.access_log,
+        )
 
     return build
 
