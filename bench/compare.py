@@ -112,9 +112,16 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p50_ms": round(statistics.median(run["p50_ms"] for run in runs), 3),
         "p99_ms": round(statistics.median(run["p99_ms"] for run in runs), 3),
         "cpu_ms_per_request_by_process": per_request,
+        "requests": int(statistics.median(run["requests"] for run in runs)),
         "non2xx": int(sum(run["non2xx"] for run in runs)),
         "timeouts": int(sum(run.get("timeouts", 0) for run in runs)),
     }
+
+
+def few_requests(cell: dict[str, Any], connections: int) -> bool:
+    """Too few completed requests for CPU per request to mean much: the work on the requests
+    still in flight when the run ends is counted but they are not."""
+    return bool(cell["requests"] < 10 * connections)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -585,6 +592,16 @@ def measure_cells(
     return cells
 
 
+def idle_cores(targets: list[Target], seconds: float = 3.0) -> dict[str, float]:
+    """CPU each system's own processes use with no load (background loops, pollers), in cores:
+    part of every CPU-ms-per-request figure, the more so the fewer requests a run completes."""
+    roles = {t.name: t.roles[t.serving or "stub"] for t in targets}
+    meter = procstat.CpuMeter(roles)
+    meter.start()
+    time.sleep(seconds)
+    return {name: round(cpu / seconds, 3) for name, cpu in meter.stop().items()}
+
+
 def _cell_line(target: Target, mode: str, connections: int, cell: dict[str, Any]) -> str:
     cpu = "  ".join(f"{r} {_fmt(v)}" for r, v in cell["cpu_ms_per_request_by_process"].items())
     flag = f"  non-2xx {cell['non2xx']}" if cell["non2xx"] else ""
@@ -738,6 +755,8 @@ def markdown(report: dict[str, Any]) -> str:
                 flags = ""
                 if cell["non2xx"] or cell["timeouts"]:
                     flags = f" ⚠ {cell['non2xx']} non-2xx, {cell['timeouts']} timeouts"
+                if few_requests(cell, int(conns)):
+                    flags += f" ⚠ only {cell['requests']} requests per run"
                 lines.append(
                     f"| {t['label']} | {mode} | {conns} | {cell['rps']:.0f}{flags} | "
                     f"{cell['p50_ms']:.2f} | {cell['p99_ms']:.2f} | "
@@ -746,9 +765,9 @@ def markdown(report: dict[str, Any]) -> str:
                 )
     lines += [
         "",
-        "| target | first chunk p50 / p99 ms (1 conn) | RSS MiB | "
+        "| target | first chunk p50 / p99 ms (1 conn) | RSS MiB | idle CPU, cores | "
         f"admitted of {BURST} at once | tokens let through / budget |",
-        "|---|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, t in targets.items():
         ttfc = report["first_chunk"].get(name)
@@ -767,8 +786,11 @@ def markdown(report: dict[str, Any]) -> str:
             if counted is None:
                 counted = exact["tokens_in_admitted_answers"]
             let_through = f"{counted} / {exact['budget_tokens']}"
-        rss = report["rss_mb"].get(name)
-        lines.append(f"| {t['label']} | {first} | {_fmt(rss, 0)} | {admitted} | {let_through} |")
+        rss, idle = report["rss_mb"].get(name), report["idle_cores"].get(name)
+        lines.append(
+            f"| {t['label']} | {first} | {_fmt(rss, 0)} | {_fmt(idle, 3)} | {admitted} | "
+            f"{let_through} |"
+        )
     lines += [
         "",
         f"Leaky Tokens / LiteLLM (plain, 32 connections): requests/s x {report['rps_ratio']}, "
@@ -780,10 +802,130 @@ def markdown(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Systems:
+    """Every process of one comparison, started."""
+
+    stub_pid: int
+    stub_url: str
+    stub_how: str
+    litellm_pid: int
+    litellm_url: str
+    leakies: list[Leaky]
+    tokens_per_request: int  # the stub's usage.total_tokens for the chat body
+    budget: int  # the exactness budget: budget_requests x tokens_per_request
+
+
+def start_systems(
+    stack: ExitStack, workdir: Path, shapes: list[str], budget_requests: int
+) -> Systems:
+    stub_pid, stub_port, stub_how = start_stub(stack, workdir)
+    stub_url = f"http://127.0.0.1:{stub_port}"
+    probe = httpx.post(f"{stub_url}{CHAT_COMPLETIONS}", json=chat_body(MODEL, False))
+    probe.raise_for_status()
+    tokens_per_request = int(probe.json()["usage"]["total_tokens"])
+    budget = budget_requests * tokens_per_request
+    keys = {
+        "sk-bench-load": {"tpm_limit": OUT_OF_REACH, "rpm_limit": OUT_OF_REACH},
+        "sk-bench-budget": {"tpm_limit": budget},
+    }
+    litellm_pid, litellm_port = start_litellm(stack, workdir, stub_port, keys)
+    leakies = [start_leaky(stack, workdir, shape, stub_port) for shape in shapes]
+    return Systems(
+        stub_pid,
+        stub_url,
+        stub_how,
+        litellm_pid,
+        f"http://127.0.0.1:{litellm_port}{CHAT_COMPLETIONS}",
+        leakies,
+        tokens_per_request,
+        budget,
+    )
+
+
+def build_targets(systems: Systems, chat: bool) -> list[Target]:
+    def stub_role() -> list[int]:
+        return [systems.stub_pid]
+
+    def tree_of(pid: int) -> Callable[[], list[int]]:
+        return lambda: procstat.tree(pid)
+
+    chat_bodies = {m: chat_body(MODEL, m == "streamed") for m in MODES}
+    targets = [
+        Target(
+            "stub",
+            "stub alone (/v1/chat/completions)",
+            f"{systems.stub_url}{CHAT_COMPLETIONS}",
+            {},
+            chat_bodies,
+            "",
+            {"stub": stub_role},
+        ),
+        Target(
+            "litellm",
+            f"LiteLLM {venv.LITELLM} proxy, 1 worker",
+            systems.litellm_url,
+            {"Authorization": "Bearer sk-bench-load"},
+            chat_bodies,
+            "litellm",
+            {"litellm": tree_of(systems.litellm_pid), "stub": stub_role},
+        ),
+    ]
+    if not chat:  # the stub route /consume calls, for its added latency
+        targets.insert(
+            1,
+            Target(
+                "stub_consume_path",
+                "stub alone (/api/v1/openai/chat)",
+                f"{systems.stub_url}/api/v1/openai/chat",
+                {},
+                {"plain": {"prompt": PROMPT, "userId": str(uuid.uuid4())}},
+                "",
+                {"stub": stub_role},
+            ),
+        )
+    for leaky in systems.leakies:
+        account = leaky_account(leaky, 10**12)
+        url, headers, bodies = leaky_request(leaky, account, chat, systems.tokens_per_request)
+        roles: dict[str, Callable[[], Iterable[int]]] = {
+            "leaky-tokens": tree_of(leaky.pid),
+            "stub": stub_role,
+        }
+        if leaky.databases:
+            roles["postgresql"] = postgres_backends(leaky.databases)
+        path = CHAT_COMPLETIONS if chat else "/api/v1/tokens/consume"
+        label = f"Leaky Tokens {leaky.shape} (gateway → {path})"
+        targets.append(
+            Target(f"leaky_{leaky.shape}", label, url, headers, bodies, "leaky-tokens", roles)
+        )
+    for target in targets:  # every target answers before anything is measured
+        for mode, body in target.bodies.items():
+            answer = httpx.post(target.url, headers=target.headers, json=body, timeout=30)
+            if answer.status_code != 200:
+                raise RuntimeError(f"{target.label} {mode}: {answer.status_code} {answer.text}")
+    return targets
+
+
+def exactness_all(systems: Systems, chat: bool, budget_requests: int) -> dict[str, Any]:
+    litellm = asyncio.run(
+        burst(
+            systems.litellm_url,
+            {"Authorization": "Bearer sk-bench-budget"},
+            chat_body(MODEL, False),
+        )
+    )
+    rows = {"litellm": exactness_row(litellm, systems.budget, None)}
+    for leaky in systems.leakies:
+        rows[f"leaky_{leaky.shape}"] = leaky_exactness(
+            leaky, chat, systems.tokens_per_request, budget_requests
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="runs per cell; the median counts")
-    parser.add_argument("--seconds", type=int, default=3, help="seconds per run")
+    parser.add_argument("--seconds", type=int, default=4, help="seconds per run")
     parser.add_argument("--budget-requests", type=int, default=100)
     parser.add_argument("--first-chunk-requests", type=int, default=200)
     parser.add_argument("--no-distributed", action="store_true")
@@ -801,106 +943,16 @@ def main() -> None:
         shapes.append("distributed")
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        workdir = Path(tmp)
-        stub_pid, stub_port, stub_how = start_stub(stack, workdir)
-        stub_url = f"http://127.0.0.1:{stub_port}"
-        probe = httpx.post(f"{stub_url}{CHAT_COMPLETIONS}", json=chat_body(MODEL, False))
-        probe.raise_for_status()
-        tokens_per_request = int(probe.json()["usage"]["total_tokens"])
-        budget = args.budget_requests * tokens_per_request
-        keys = {
-            "sk-bench-load": {"tpm_limit": OUT_OF_REACH, "rpm_limit": OUT_OF_REACH},
-            "sk-bench-budget": {"tpm_limit": budget},
-        }
-        litellm_pid, litellm_port = start_litellm(stack, workdir, stub_port, keys)
-        leakies = [start_leaky(stack, workdir, shape, stub_port) for shape in shapes]
-
-        def stub_role() -> list[int]:
-            return [stub_pid]
-
-        litellm_url = f"http://127.0.0.1:{litellm_port}{CHAT_COMPLETIONS}"
-        targets = [
-            Target(
-                "stub",
-                "stub alone (/v1/chat/completions)",
-                f"{stub_url}{CHAT_COMPLETIONS}",
-                {},
-                {m: chat_body(MODEL, m == "streamed") for m in MODES},
-                "",
-                {"stub": stub_role},
-            ),
-            Target(
-                "litellm",
-                f"LiteLLM {venv.LITELLM} proxy, 1 worker",
-                litellm_url,
-                {"Authorization": "Bearer sk-bench-load"},
-                {m: chat_body(MODEL, m == "streamed") for m in MODES},
-                "litellm",
-                {"litellm": lambda: procstat.tree(litellm_pid), "stub": stub_role},
-            ),
-        ]
-        chat = leaky_offers_chat(leakies[0])
-        if not chat:
-            targets.insert(
-                1,
-                Target(
-                    "stub_consume_path",
-                    "stub alone (/api/v1/openai/chat)",
-                    f"{stub_url}/api/v1/openai/chat",
-                    {},
-                    {"plain": {"prompt": PROMPT, "userId": str(uuid.uuid4())}},
-                    "",
-                    {"stub": stub_role},
-                ),
-            )
-        for leaky in leakies:
-            account = leaky_account(leaky, 10**12)
-            url, headers, bodies = leaky_request(leaky, account, chat, tokens_per_request)
-            roles: dict[str, Callable[[], Iterable[int]]] = {
-                "leaky-tokens": lambda pid=leaky.pid: procstat.tree(pid),  # type: ignore[misc]
-                "stub": stub_role,
-            }
-            if leaky.databases:
-                roles["postgresql"] = postgres_backends(leaky.databases)
-            path = "/v1/chat/completions" if chat else "/api/v1/tokens/consume"
-            targets.append(
-                Target(
-                    f"leaky_{leaky.shape}",
-                    f"Leaky Tokens {leaky.shape} (gateway → {path})",
-                    url,
-                    headers,
-                    bodies,
-                    "leaky-tokens",
-                    roles,
-                )
-            )
-        for target in targets:  # every target answers before anything is measured
-            for mode, body in target.bodies.items():
-                answer = httpx.post(target.url, headers=target.headers, json=body, timeout=30)
-                if answer.status_code != 200:
-                    raise RuntimeError(f"{target.label} {mode}: {answer.status_code} {answer.text}")
-
+        systems = start_systems(stack, Path(tmp), shapes, args.budget_requests)
+        chat = leaky_offers_chat(systems.leakies[0])
+        targets = build_targets(systems, chat)
+        idle = idle_cores(targets)
+        print(f"idle CPU, cores: {idle}")
         others = Others()
         loadavg_before = os.getloadavg()
         cells = measure_cells(targets, args.runs, args.seconds, others)
         first_chunk = first_chunks(targets, args.first_chunk_requests)
-        exactness = {
-            "litellm": exactness_row(
-                asyncio.run(
-                    burst(
-                        litellm_url,
-                        {"Authorization": "Bearer sk-bench-budget"},
-                        chat_body(MODEL, False),
-                    )
-                ),
-                budget,
-                None,
-            )
-        }
-        for leaky in leakies:
-            exactness[f"leaky_{leaky.shape}"] = leaky_exactness(
-                leaky, chat, tokens_per_request, args.budget_requests
-            )
+        exactness = exactness_all(systems, chat, args.budget_requests)
         rss = {t.name: round(procstat.rss_mb(_own_pids(t)), 1) for t in targets}
 
     summary = summarise(cells, targets)
@@ -913,7 +965,7 @@ def main() -> None:
         "shared_machine": others.cores > 0.2,
         "load_generator": load_generator,
         "leaky_target": "chat" if chat else "consume",
-        "stub": stub_how,
+        "stub": systems.stub_how,
         "litellm": {
             "version": venv.LITELLM,
             "workers": 1,
@@ -926,13 +978,14 @@ def main() -> None:
             "seconds": args.seconds,
             "connections": list(CONNECTIONS),
             "budget_requests": args.budget_requests,
-            "tokens_per_request": tokens_per_request,
+            "tokens_per_request": systems.tokens_per_request,
             "request": chat_body(MODEL, False),
         },
         "targets": summary,
         "first_chunk": first_chunk,
         "exactness": exactness,
         "rss_mb": rss,
+        "idle_cores": idle,
         "rps_ratio": ratio(lt["rps"], ll["rps"]),
         "cpu_ratio": ratio(lt["cpu_ms_per_request"], ll["cpu_ms_per_request"]),
         "elapsed_s": round(time.monotonic() - started),

@@ -59,6 +59,13 @@ def test_a_cell_is_the_median_of_its_runs_and_cpu_is_per_completed_request() -> 
     assert cell["cpu_ms_per_request_by_process"] == {"litellm": 10.0, "stub": 1.0}
 
 
+def test_a_cell_with_few_requests_per_connection_is_flagged() -> None:
+    cell = compare.median_of_runs([_run(1, 40, {"x": 1.0}), _run(1, 200, {"x": 1.0})])
+    assert cell["requests"] == 120
+    assert compare.few_requests(cell, 32)
+    assert not compare.few_requests(cell, 1)
+
+
 def test_a_run_that_completed_nothing_gives_no_cpu_figure_rather_than_zero() -> None:
     cell = compare.median_of_runs([_run(0, 0, {"litellm": 2.0})])
     assert cell["cpu_ms_per_request_by_process"] == {"litellm": None}
