@@ -47,16 +47,14 @@ from typing import Any
 
 import httpx
 
-from bench import ceiling, procstat, stream_client, venv, wrk
+from bench import bench_gateway, ceiling, consume, procstat, stream_client, venv, wrk
+from bench.consume import PG_ADMIN, REDIS
 from bench.openai_stub import CHAT_COMPLETIONS, main_stub_offers_chat_completions
 
 # None: detect what main offers; "consume" or "chat" to force one (the one-line switch).
 LEAKY_TARGET: str | None = None
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PG_ADMIN = os.environ.get("LEAKY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS = os.environ.get("LEAKY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-SERVICES = ("gateway", "auth", "tokens", "analytics", "qwen", "gemini", "openai")
 
 MODEL = "gpt-4o-mini"
 PROMPT = "Say something short about leaky buckets and token budgets."
@@ -221,15 +219,21 @@ def _base_env() -> dict[str, str]:
 def start_stub(stack: ExitStack, workdir: Path) -> tuple[int, int, str]:
     """(pid, port, how) of the one OpenAI-format stub."""
     ready = workdir / "stub-ready.json"
-    env = {**_base_env(), "LEAKY_ACCESS_LOG": "false", "LEAKY_LOG_LEVEL": "warning"}
+    env = {
+        **_base_env(),
+        "LEAKY_ACCESS_LOG": "false",
+        "LEAKY_LOG_LEVEL": "warning",
+        "LEAKY_DATA_DIR": str(workdir / "stub-var"),
+    }
     if main_stub_offers_chat_completions():
-        argv = [sys.executable, "-m", "leaky_tokens.cli", "serve", "openai", "--port", "0"]
+        argv = [sys.executable, "-m", "leaky_tokens.cli", "serve", "openai"]
         how = "leaky-tokens serve openai"
     else:
         argv = [sys.executable, "-m", "bench.openai_stub"]
-        how = "our openai stub + the bench's /v1/chat/completions route (bench/openai_stub.py)"
+        how = "leaky-tokens serve openai + the bench's /v1/chat/completions route"
     log = workdir / "stub.log"
-    proc = stack.enter_context(process([*argv, "--ready-file", str(ready)], env, log))
+    argv += ["--port", "0", "--ready-file", str(ready)]
+    proc = stack.enter_context(process(argv, env, log))
     _wait_ready(proc, _ready_file(ready), log)
     return proc.pid, json.loads(ready.read_text())["ports"]["openai"], how
 
@@ -317,51 +321,13 @@ class Leaky:
 
 
 def _leaky_env(workdir: Path, stub_port: int, extra: dict[str, str]) -> dict[str, str]:
-    env = _base_env()
-    env.update(
-        {
-            "LEAKY_DATA_DIR": str(workdir / "var"),
-            "LEAKY_ACCESS_LOG": "false",
-            "LEAKY_LOG_LEVEL": "warning",
-            "LEAKY_ADMIN_USERNAME": "bench_admin",
-            "LEAKY_ADMIN_PASSWORD": "bench-password",
-            # Every limit out of reach but the quota pool, so every request is a full pass.
-            "LEAKY_GATEWAY__RATE_LIMIT_REQUESTS": str(OUT_OF_REACH),
-            "LEAKY_TOKENS__BUCKET_CAPACITY": str(OUT_OF_REACH),
-            "LEAKY_TOKENS__BUCKET_LEAK_PER_SECOND": str(OUT_OF_REACH),
-            "LEAKY_URLS__OPENAI": f"http://127.0.0.1:{stub_port}",
-        }
-    )
-    env.update({f"LEAKY_PORTS__{s.upper()}": "0" for s in SERVICES})
-    env.update(extra)
-    return env
-
-
-async def _create_databases(tag: str) -> dict[str, str]:
-    import asyncpg
-
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    urls = {}
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        for service in ("auth", "tokens", "analytics"):
-            name = f"lt_bench_cmp_{service}_{tag}"
-            await conn.execute(f'CREATE DATABASE "{name}"')
-            urls[service] = f"{base}/{name}"
-    finally:
-        await conn.close()
-    return urls
-
-
-async def _drop_databases(names: list[str]) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        for name in names:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    # consume's environment (data dir, quiet logs, the bench admin, free ports, the bucket out of
+    # reach) with the gateway's limit out of reach too: only the quota pool ever refuses.
+    limits = {
+        "LEAKY_GATEWAY__RATE_LIMIT_REQUESTS": str(OUT_OF_REACH),
+        "LEAKY_URLS__OPENAI": f"http://127.0.0.1:{stub_port}",
+    }
+    return consume._env(workdir, {**limits, **extra})
 
 
 async def _delete_redis_keys(prefix: str) -> None:
@@ -381,9 +347,9 @@ def start_leaky(stack: ExitStack, workdir: Path, shape: str, stub_port: int) -> 
     extra: dict[str, str] = {}
     databases: list[str] = []
     if shape == "distributed":
-        urls = asyncio.run(_create_databases(tag))
+        urls = asyncio.run(consume._fresh_pg_databases())
         databases = [url.rsplit("/", 1)[1] for url in urls.values()]
-        stack.callback(lambda: asyncio.run(_drop_databases(databases)))
+        stack.callback(lambda: asyncio.run(consume._drop(urls)))
         stack.callback(lambda: asyncio.run(_delete_redis_keys(redis_prefix)))
         extra = {f"LEAKY_{s.upper()}__DATABASE_URL": u for s, u in urls.items()}
         extra["REDIS_URL"] = REDIS
@@ -939,7 +905,7 @@ def main() -> None:
     load_generator = ceiling.measure()
     print(f"load generator: {load_generator['tool']}, {load_generator['ceiling_rps']} req/s max")
     shapes = ["embedded"]
-    if not args.no_distributed and _answers(5432) and _answers(6379):
+    if not args.no_distributed and bench_gateway.servers_answer():
         shapes.append("distributed")
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -1002,14 +968,6 @@ def _own_pids(target: Target) -> list[int]:
     """The target's own processes (the stub's for the stub alone)."""
     role = target.serving or "stub"
     return list(target.roles[role]())
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), 0.5):
-            return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

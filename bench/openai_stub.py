@@ -1,31 +1,33 @@
 """The one OpenAI-format stub process every compared system calls (`python -m bench.openai_stub`).
 
-It serves our OpenAI provider stub, the app `leaky-tokens serve openai` serves, on uvicorn with
-the same options. While that stub has no `POST /v1/chat/completions` of its own (the provider
-emulators are being written), a FastAPI route is added beside its routes: OpenAI's chat
-completion wire format, plain and streamed (`data:` events, `stream_options.include_usage`,
-`[DONE]`), usage counted the way the stub counts it (ceil(characters / 4)). Once the stub offers
-the route itself it is used unchanged, and the harness starts `leaky-tokens serve openai`.
+It is `leaky-tokens serve openai` (the same CLI, settings and server), with one thing added
+while our OpenAI stub has no `POST /v1/chat/completions` of its own (the provider emulators are
+being written): a FastAPI route beside its routes in OpenAI's chat completion wire format, plain
+and streamed (`data:` events, `stream_options.include_usage`, `[DONE]`; a pause between chunks
+with BENCH_STUB_CHUNK_DELAY_MS), usage counted the way the stub counts it (ceil(characters /
+4)). Once the stub offers the route itself the harness runs `leaky-tokens serve openai` as is.
 
-    python -m bench.openai_stub --ready-file PATH   # writes {"pid", "ports": {"openai": N}}
+    python -m bench.openai_stub --port 0 --ready-file PATH   # the arguments of `serve`
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, FastAPI
 from fastapi.responses import StreamingResponse
 
 from leaky_tokens.providers.usage import count_prompt_tokens, count_tokens
+
+if TYPE_CHECKING:
+    from leaky_tokens.settings import Settings
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 REPLY = "Stubbed OpenAI response from the bench"
@@ -107,60 +109,23 @@ def chat_completions_router(chunk_delay: float = 0.0) -> APIRouter:
     return router
 
 
-def build(chunk_delay: float = 0.0) -> FastAPI:
-    from leaky_tokens.runtime.compose import build_app
-    from leaky_tokens.settings import Settings
-
-    app = build_app("openai", Settings())
-    if not offers_chat_completions(app):
-        app.include_router(chat_completions_router(chunk_delay))
-    return app
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--ready-file", type=Path, required=True)
-    parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
-    args = parser.parse_args()
+    """`leaky-tokens serve openai …` itself, with the route added to the app it builds."""
+    from leaky_tokens import cli
+    from leaky_tokens.runtime import compose
 
-    import socket
+    delay = float(os.environ.get("BENCH_STUB_CHUNK_DELAY_MS", "0")) / 1000
+    build_stub = compose.FACTORIES["openai"]
 
-    import uvicorn
-    import uvloop
+    def with_chat_completions(settings: Settings) -> FastAPI:
+        app = build_stub(settings)
+        if not offers_chat_completions(app):
+            app.include_router(chat_completions_router(delay))
+        return app
 
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", args.port))
-    sock.listen(2048)
-    # The options `leaky-tokens serve` gives uvicorn (runtime/server.py).
-    config = uvicorn.Config(
-        build(args.chunk_delay_ms / 1000),
-        http="httptools",
-        loop="none",
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_keep_alive=30,
-    )
-    server = uvicorn.Server(config)
-
-    async def serve() -> None:
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            if task.done():
-                await task
-                return
-            await asyncio.sleep(0.02)
-        tmp = args.ready_file.with_suffix(".tmp")
-        port = sock.getsockname()[1]
-        tmp.write_text(json.dumps({"pid": os.getpid(), "ports": {"openai": port}}))
-        tmp.replace(args.ready_file)
-        await task
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve())
+    compose.FACTORIES["openai"] = with_chat_completions
+    sys.argv = ["leaky-tokens", "serve", "openai", *sys.argv[1:]]
+    cli.main()
 
 
 if __name__ == "__main__":
