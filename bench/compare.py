@@ -119,7 +119,7 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def few_requests(cell: dict[str, Any], connections: int) -> bool:
     """Too few completed requests for CPU per request to mean much: the work on the requests
     still in flight when the run ends is counted but they are not."""
-    return bool(cell["requests"] < 10 * connections)
+    return bool(cell["requests"] < 5 * connections)
 
 
 def percentile(values: list[float], q: float) -> float:
