@@ -1,6 +1,6 @@
 """`make bench-compare`: Leaky Tokens beside LiteLLM's proxy, against one OpenAI-format stub.
 
-One run, loopback only, bounded in time (about four minutes with the defaults):
+One run, loopback only, bounded in time (five to six minutes with the defaults):
 
 * one stub process (`bench/openai_stub.py`: our OpenAI stub, with a chat-completions route
   while the stub has none of its own) that every system calls;
@@ -19,7 +19,7 @@ requests against a token budget that `--budget-requests` requests exhaust.
 Leaky Tokens' side is `POST /api/v1/tokens/consume` through the gateway until the token service
 serves `POST /v1/chat/completions`; the target is detected, or forced by LEAKY_TARGET below.
 
-    python -m bench.compare [--runs 3] [--seconds 3] [--no-distributed]
+    python -m bench.compare [--runs 3] [--seconds 4] [--no-distributed]
 """
 
 from __future__ import annotations
