@@ -16,14 +16,14 @@ from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
-from leaky_tokens.shared.redis import redis_client
+from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
 from leaky_tokens.tokens.outbox_relay import start_outbox_relay
 from leaky_tokens.tokens.payments import StubPaymentGateway
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
-from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator
+from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator, StepObserver
 from leaky_tokens.tokens.router import router
 from leaky_tokens.tokens.service import TokenService
 
@@ -56,18 +56,30 @@ async def _sweep_forever(service: TokenService, interval: float) -> None:
 
 
 def create_tokens_app(
-    settings: Settings, *, authenticator: Authenticator, clock: Clock | None = None
+    settings: Settings,
+    *,
+    authenticator: Authenticator,
+    clock: Clock | None = None,
+    saga_step_committed: StepObserver | None = None,
 ) -> FastAPI:
+    """`saga_step_committed` observes each committed saga step (the crash tests' fault hook)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = settings.database_url("tokens")
         if settings.auto_migrate:
             await upgrade_database(url, "tokens")
         database = Database(url)
-        redis = redis_client(settings.redis_url) if settings.redis_url else None
-        buckets: LeakyBucketStore = (
-            RedisLeakyBucket(redis, prefix="lt:bucket:") if redis else MemoryLeakyBucket(clock)
+        redis = (
+            redis_from_settings(settings.redis_url, settings.redis) if settings.redis_url else None
         )
+        memory_buckets = MemoryLeakyBucket(clock)
+        buckets: LeakyBucketStore = memory_buckets
+        if redis is not None:
+            guard = guard_from_settings(
+                redis, "buckets", settings.redis, RedisMetrics.of(app.state.metrics.registry)
+            )
+            buckets = RedisLeakyBucket(guard, prefix="lt:bucket:", fallback=memory_buckets)
         providers = ProviderClient(
             {p: settings.url_of(p) for p in PROVIDERS},
             provider_settings(settings.tokens),
@@ -76,14 +88,14 @@ def create_tokens_app(
         the_clock = clock or SystemClock()
         service = TokenService(database, settings.tokens, the_clock, buckets, providers)
         flags = FeatureFlags(database, the_clock)
-        for name, enabled in settings.tokens.flags.items():
-            await flags.set(name, enabled)
+        await flags.seed(settings.tokens.flags)
         orchestrator = SagaOrchestrator(
             database,
             settings.tokens,
             the_clock,
             flags,
             StubPaymentGateway(database, the_clock, flags),
+            step_committed=saga_step_committed,
         )
         app.state.token_service = service
         app.state.purchase_service = PurchaseService(
