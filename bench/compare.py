@@ -651,13 +651,18 @@ def leaky_exactness(
     url, headers, bodies = leaky_request(leaky, account, chat, tokens_per_request)
     responses = asyncio.run(burst(url, headers, bodies["plain"]))
     gateway = f"http://127.0.0.1:{leaky.ports['gateway']}"
-    quota = httpx.get(
-        f"{gateway}/api/v1/tokens/quota",
-        params={"userId": account.user_id, "provider": "openai"},
-        headers={"Authorization": f"Bearer {account.jwt}"},
-        timeout=30,
-    ).json()
-    remaining = quota.get("remainingTokens")
+    remaining = None
+    for _ in range(3):  # a loaded machine can time the read out at the gateway
+        quota = httpx.get(
+            f"{gateway}/api/v1/tokens/quota",
+            params={"userId": account.user_id, "provider": "openai"},
+            headers={"Authorization": f"Bearer {account.jwt}"},
+            timeout=30,
+        )
+        if quota.status_code == 200:
+            remaining = quota.json().get("remainingTokens")
+            break
+        time.sleep(1)
     charged = budget - int(remaining) if remaining is not None else None
     row = exactness_row(responses, budget, charged)
     if not chat:  # /consume answers carry the stub's usage, not the tokens charged
@@ -741,11 +746,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"{ttfc['first_chunk_p50_ms']:.2f} / {ttfc['first_chunk_p99_ms']:.2f}" if ttfc else "-"
         )
         exact = report["exactness"].get(name)
-        admitted = (
-            f"{exact['admitted']} (budget covers {report['config']['budget_requests']})"
-            if exact
-            else "-"
-        )
+        admitted = "-"
+        if exact:
+            admitted = f"{exact['admitted']} (budget covers {report['config']['budget_requests']}"
+            others = [
+                f"{status}x{count}"
+                for status, count in exact["statuses"].items()
+                if status not in ("200", "402", "429")
+            ]
+            admitted += f"; also {', '.join(others)})" if others else ")"
         let_through = "-"
         if exact:
             counted = exact["tokens_charged"]
