@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import bench_gateway, consume
+from bench import bench_gateway, ceiling, consume, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,13 +35,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median counts")
     args = parser.parse_args()
+    if not wrk.available():
+        sys.exit("wrk is not installed: `make bench` installs it")
 
     report: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.python_implementation()} "
         f"{platform.python_version()}",
         "figures": [],
+        "load_generator": ceiling.measure(),
     }
+    print(f"load generator: {report['load_generator']}")
     bucket = subprocess.run(
         [sys.executable, "-m", "bench.bench_leaky_bucket"],
         capture_output=True,
@@ -85,9 +89,8 @@ def main() -> None:
                 f"  p95 {median['p95_ms']:.2f} ms  p99 {median['p99_ms']:.2f} ms"
                 f"  {median['statuses']}"
             )
-    if bench_gateway.wrk.available():
-        report["gateway"] = [row for shape in shapes for row in bench_gateway.run(shape, args.runs)]
-        bench_gateway.print_rows(report["gateway"])
+    report["gateway"] = [row for shape in shapes for row in bench_gateway.run(shape, args.runs)]
+    bench_gateway.print_rows(report["gateway"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     print(f"written to {RESULTS / 'latest.json'}")

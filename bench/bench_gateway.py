@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=["embedded", "distributed"], action="append")
     args = parser.parse_args()
     if not wrk.available():
-        sys.exit("wrk is needed (apt-get install wrk)")
+        sys.exit("wrk is not installed: `make bench` installs it")
     shapes = args.shape or ["embedded", *(["distributed"] if servers_answer() else [])]
     rows = [row for shape in shapes for row in run(shape, args.runs, args.seconds)]
     print_rows(rows)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from bench import wrk
-from bench.load import LoadResult, run_load
+from bench.load import LoadResult
 
 PG_ADMIN = os.environ.get("LEAKY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("LEAKY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -109,51 +109,34 @@ async def _measure(
     }
     stub_url = f"http://127.0.0.1:{ports['openai']}/api/v1/openai/chat"
     consume_url = f"http://127.0.0.1:{ports['tokens']}/api/v1/tokens/consume"
-    if wrk.available():
-        results = []
-        tokens = f"http://127.0.0.1:{ports['tokens']}"
-        auth = f"http://127.0.0.1:{ports['auth']}"
-        quota_url = f"{tokens}/api/v1/tokens/quota?userId={user_id}&provider=openai"
-        for name, method, url, hdrs, payload in (
-            (f"{label}: stub /chat (baseline)", "POST", stub_url, {}, {"prompt": "benchmark"}),
-            (f"{label}: /consume", "POST", consume_url, headers, body),
-            (f"{label}: GET /tokens/quota", "GET", quota_url, headers, None),
-            (f"{label}: GET /tokens/status", "GET", f"{tokens}/api/v1/tokens/status", {}, None),
-            (f"{label}: GET /auth/health", "GET", f"{auth}/api/v1/auth/health", {}, None),
-            (f"{label}: GET /oauth2/jwks", "GET", f"{auth}/oauth2/jwks", {}, None),
-        ):
-            figures = wrk.run_wrk(
-                url, method=method, body=payload, headers=hdrs, connections=concurrency
+    results = []
+    tokens = f"http://127.0.0.1:{ports['tokens']}"
+    auth = f"http://127.0.0.1:{ports['auth']}"
+    quota_url = f"{tokens}/api/v1/tokens/quota?userId={user_id}&provider=openai"
+    for name, method, url, hdrs, payload in (
+        (f"{label}: stub /chat (baseline)", "POST", stub_url, {}, {"prompt": "benchmark"}),
+        (f"{label}: /consume", "POST", consume_url, headers, body),
+        (f"{label}: GET /tokens/quota", "GET", quota_url, headers, None),
+        (f"{label}: GET /tokens/status", "GET", f"{tokens}/api/v1/tokens/status", {}, None),
+        (f"{label}: GET /auth/health", "GET", f"{auth}/api/v1/auth/health", {}, None),
+        (f"{label}: GET /oauth2/jwks", "GET", f"{auth}/oauth2/jwks", {}, None),
+    ):
+        figures = wrk.run_wrk(
+            url, method=method, body=payload, headers=hdrs, connections=concurrency
+        )
+        results.append(
+            LoadResult(
+                name=name,
+                requests=int(figures["requests"]),
+                concurrency=concurrency,
+                seconds=figures["requests"] / figures["rps"],
+                statuses={"non2xx": int(figures["non2xx"])},  # type: ignore[dict-item]
+                p50_ms=figures["p50_ms"],
+                p95_ms=figures["p95_ms"],
+                p99_ms=figures["p99_ms"],
             )
-            results.append(
-                LoadResult(
-                    name=name,
-                    requests=int(figures["requests"]),
-                    concurrency=concurrency,
-                    seconds=figures["requests"] / figures["rps"],
-                    statuses={"non2xx": int(figures["non2xx"])},  # type: ignore[dict-item]
-                    p50_ms=figures["p50_ms"],
-                    p95_ms=figures["p95_ms"],
-                    p99_ms=figures["p99_ms"],
-                )
-            )
-        return results
-    # Without wrk, a Python client: it saturates near 300 req/s here, so figures are a floor.
-    stub = await run_load(
-        f"{label}: stub /chat (baseline, python client)",
-        f"http://127.0.0.1:{ports['openai']}",
-        lambda i: ("POST", "/api/v1/openai/chat", {}, {"prompt": "benchmark prompt"}),
-        requests=requests,
-        concurrency=concurrency,
-    )
-    consume = await run_load(
-        f"{label}: /consume (python client)",
-        f"http://127.0.0.1:{ports['tokens']}",
-        lambda i: ("POST", "/api/v1/tokens/consume", headers, body),
-        requests=requests,
-        concurrency=concurrency,
-    )
-    return [stub, consume]
+        )
+    return results
 
 
 async def _fresh_pg_databases() -> dict[str, str]:
