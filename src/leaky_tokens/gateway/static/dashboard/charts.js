@@ -1,0 +1,100 @@
+// Time-series charts on uPlot (vendored, pinned: see vendor/README.md). A chart is a figure
+// with a caption; the numbers behind it are in the table beside it, for screen readers.
+
+import uPlot from "./vendor/uPlot.esm.js";
+import { h } from "./dom.js";
+
+// Distinguishable colours with at least 4.5:1 contrast on white (legend text uses them too).
+export const PALETTE = ["#1f4fa0", "#a4262c", "#1d6b34", "#6b3fa0", "#8a4b00", "#00636b", "#5c5c5c"];
+export const ALLOWED_COLOUR = "#1d6b34";
+export const REFUSED_COLOUR = "#a4262c";
+const SPIKE_FILL = "rgba(164, 38, 44, 0.14)";
+const SPIKE_EDGE = "#a4262c";
+
+function drawSpikes(u, spikes) {
+  if (!spikes.length) return;
+  const { ctx } = u;
+  const { top, height } = u.bbox;
+  ctx.save();
+  for (const spike of spikes) {
+    const x0 = u.valToPos(spike.start, "x", true);
+    const x1 = u.valToPos(spike.end, "x", true);
+    const left = Math.max(u.bbox.left, Math.min(x0, x1));
+    const width = Math.max(2, Math.abs(x1 - x0));
+    ctx.fillStyle = SPIKE_FILL;
+    ctx.fillRect(left, top, width, height);
+    ctx.strokeStyle = SPIKE_EDGE;
+    ctx.lineWidth = 2 * uPlot.pxRatio;
+    ctx.strokeRect(left, top, width, height);
+    ctx.fillStyle = SPIKE_EDGE;
+    ctx.font = `${12 * uPlot.pxRatio}px system-ui, sans-serif`;
+    ctx.fillText(`spike: ${spike.label}`, left + 4 * uPlot.pxRatio, top + 14 * uPlot.pxRatio);
+  }
+  ctx.restore();
+}
+
+// A line chart whose series can change between refreshes (providers and models appear).
+export class TimeChart {
+  constructor(caption, description, { height = 240, yLabel = "" } = {}) {
+    this.height = height;
+    this.yLabel = yLabel;
+    this.spikes = [];
+    this.plot = null;
+    this.key = "";
+    this.canvasBox = h("div", { class: "chart", role: "img", "aria-label": description });
+    this.element = h("figure", { class: "chart-figure" }, h("figcaption", { text: caption }), this.canvasBox);
+    this.resizer = new ResizeObserver(() => this.resize());
+    this.resizer.observe(this.element);
+  }
+
+  width() {
+    return Math.max(260, Math.floor(this.element.clientWidth || 600));
+  }
+
+  resize() {
+    if (this.plot) this.plot.setSize({ width: this.width(), height: this.height });
+  }
+
+  // series: [{label, colour, values}] ; xs: epoch seconds of each bucket's start
+  update(xs, series, spikes = []) {
+    this.spikes = spikes;
+    this.canvasBox.dataset.spikes = spikes.map((s) => s.provider).join(" ");
+    const key = series.map((s) => `${s.label}|${s.colour}`).join(";");
+    const data = [xs, ...series.map((s) => s.values)];
+    if (this.plot && key === this.key) {
+      this.plot.setData(data);
+      this.plot.redraw(false, false);
+      return;
+    }
+    if (this.plot) this.plot.destroy();
+    this.key = key;
+    const options = {
+      width: this.width(),
+      height: this.height,
+      series: [
+        {},
+        ...series.map((s) => ({
+          label: s.label,
+          stroke: s.colour,
+          width: 2,
+          points: { show: xs.length < 80 },
+          value: (_, v) => (v == null ? "—" : Math.round(v).toLocaleString("en")),
+        })),
+      ],
+      axes: [
+        { stroke: "#333", grid: { stroke: "#e3e3e3" } },
+        { stroke: "#333", grid: { stroke: "#e3e3e3" }, label: this.yLabel, size: 70 },
+      ],
+      scales: { y: { range: (_, min, max) => [0, Math.max(1, max * 1.1)] } },
+      cursor: { drag: { x: false, y: false } },
+      hooks: { draw: [(u) => drawSpikes(u, this.spikes)] },
+    };
+    this.plot = new uPlot(options, data, this.canvasBox);
+  }
+
+  destroy() {
+    this.resizer.disconnect();
+    if (this.plot) this.plot.destroy();
+    this.plot = null;
+  }
+}
