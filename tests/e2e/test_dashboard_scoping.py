@@ -65,7 +65,9 @@ def _ok(response: httpx.Response, status: int = 200) -> Any:
     return response.json() if response.content else None
 
 
-def set_quota(gateway: httpx.Client, admin: Account, body: dict[str, Any], org: bool = False) -> None:
+def set_quota(
+    gateway: httpx.Client, admin: Account, body: dict[str, Any], org: bool = False
+) -> None:
     path = "/api/v1/tokens/quota/org" if org else "/api/v1/tokens/quota"
     _ok(gateway.put(path, headers=admin.bearer, json={"provider": "openai", **body}))
 
@@ -93,9 +95,7 @@ def person(gateway: httpx.Client, admin: Account, prefix: str, *, with_org: bool
         login(gateway, account)  # the JWT names the orgs it was issued with
     key_name = f"{prefix}-key-{uuid.uuid4().hex[:6]}"
     _ok(
-        gateway.post(
-            "/api/v1/auth/api-keys", headers=account.bearer, json={"name": key_name}
-        ),
+        gateway.post("/api/v1/auth/api-keys", headers=account.bearer, json={"name": key_name}),
         201,
     )
     saga = _ok(
@@ -138,7 +138,9 @@ def tabs(browser: Any, system: Stack, request: pytest.FixtureRequest) -> Iterato
 
 
 def totals_row(tab: Dashboard, provider: str = "openai") -> Any:
-    return tab.page.locator("#usage-totals tbody tr", has=tab.page.locator(f"th:text-is('{provider}')"))
+    return tab.page.locator(
+        "#usage-totals tbody tr", has=tab.page.locator(f"th:text-is('{provider}')")
+    )
 
 
 def test_a_user_signs_in_and_sees_usage_within_seconds_of_consumes(
@@ -197,7 +199,7 @@ def tour(tab: Dashboard, role: str) -> dict[str, str]:
         tab.go(link, heading)
         tab.page.locator(f"{table} tbody tr").first.wait_for()
         if link == "Purchases":
-            tab.page.get_by_role("button", name="Show the event trail").first.click()
+            tab.page.get_by_role("button", name="Show trail").first.click()
             tab.page.locator("#purchase-trail table tbody th").first.wait_for()
         seen[link] = str(tab.page.inner_html("main"))
         tab.screenshot(f"{name}-{role}")

@@ -10,6 +10,8 @@ export const ALLOWED_COLOUR = "#1d6b34";
 export const REFUSED_COLOUR = "#a4262c";
 const SPIKE_FILL = "rgba(164, 38, 44, 0.14)";
 const SPIKE_EDGE = "#a4262c";
+// Counts are whole: ticks at 1, 2, 5 x 10^n only.
+const WHOLE_STEPS = Array.from({ length: 12 }, (_, n) => [1, 2, 5].map((m) => m * 10 ** n)).flat();
 
 function drawSpikes(u, spikes) {
   if (!spikes.length) return;
@@ -28,7 +30,12 @@ function drawSpikes(u, spikes) {
     ctx.strokeRect(left, top, width, height);
     ctx.fillStyle = SPIKE_EDGE;
     ctx.font = `${12 * uPlot.pxRatio}px system-ui, sans-serif`;
-    ctx.fillText(`spike: ${spike.label}`, left + 4 * uPlot.pxRatio, top + 14 * uPlot.pxRatio);
+    ctx.textBaseline = "top";
+    const label = `spike: ${spike.label}`;
+    const room = left - u.bbox.left > ctx.measureText(label).width + 8 * uPlot.pxRatio;
+    ctx.textAlign = room ? "right" : "left"; // beside the band, or inside it near the y axis
+    const x = room ? left - 4 * uPlot.pxRatio : left + width + 4 * uPlot.pxRatio;
+    ctx.fillText(label, x, top + 4 * uPlot.pxRatio);
   }
   ctx.restore();
 }
@@ -83,7 +90,7 @@ export class TimeChart {
       ],
       axes: [
         { stroke: "#333", grid: { stroke: "#e3e3e3" } },
-        { stroke: "#333", grid: { stroke: "#e3e3e3" }, label: this.yLabel, size: 70 },
+        { stroke: "#333", grid: { stroke: "#e3e3e3" }, label: this.yLabel, size: 70, incrs: WHOLE_STEPS },
       ],
       scales: { y: { range: (_, min, max) => [0, Math.max(1, max * 1.1)] } },
       cursor: { drag: { x: false, y: false } },

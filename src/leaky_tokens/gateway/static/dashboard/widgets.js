@@ -49,7 +49,7 @@ export function dataTable(caption, columns, { id } = {}) {
     "table",
     { id },
     h("caption", { text: caption }),
-    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col", text: c })))),
+    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col", text: c.text ?? c, class: c.numeric ? "num" : undefined })))),
     tbody,
   );
   const region = h("div", { class: "table-scroll", role: "region", "aria-label": caption, tabindex: "0" }, table);
@@ -80,6 +80,8 @@ export function dataTable(caption, columns, { id } = {}) {
 }
 
 export const num = (value) => ({ numeric: true, content: value });
+// A column of numbers (its heading is aligned with them).
+export const numCol = (text) => ({ text, numeric: true });
 export const rowHeader = (content) => ({ header: true, content });
 
 export function messageOf(error) {

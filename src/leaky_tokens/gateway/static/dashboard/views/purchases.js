@@ -2,9 +2,9 @@
 // everyone's), each saga's event trail (GET /api/v1/tokens/purchase/{id}/events) and a form to
 // start one (POST /api/v1/tokens/purchase with a fresh Idempotency-Key).
 
-import { call, currentSession } from "../api.js";
+import { call, currentSession, isAdmin } from "../api.js";
 import { announce, fmtInt, fmtTime, h, replace, shortId } from "../dom.js";
-import { REFRESH_MS, dataTable, errorBox, field, num, poll, providerSelect, rowHeader, section, updatedStamp } from "../widgets.js";
+import { REFRESH_MS, dataTable, errorBox, field, num, numCol, poll, providerSelect, rowHeader, section, updatedStamp } from "../widgets.js";
 
 const TERMINAL = new Set(["COMPLETED", "FAILED"]);
 
@@ -17,7 +17,9 @@ function idempotencyKey() {
 export function mount(root) {
   const errors = errorBox();
   const stamp = updatedStamp();
-  const sagas = dataTable("Purchases", ["Saga", "Provider", "Tokens", "Status", "Started", "Updated", "Trail"], { id: "purchase-table" });
+  const everyone = isAdmin();
+  const columns = ["Saga", ...(everyone ? ["Owner"] : []), "Provider", numCol("Tokens"), "Status", "Started", "Updated", "Trail"];
+  const sagas = dataTable(everyone ? "Purchases of every user" : "Your purchases", columns, { id: "purchase-table" });
   const trail = h("div", { id: "purchase-trail" });
   let open = null;
   root.append(startForm(), h("div", { class: "toolbar" }, stamp.element), errors.element, sagas.element, trail);
@@ -28,6 +30,7 @@ export function mount(root) {
     sagas.setRows(
       body.items.map((s) => [
         rowHeader(h("code", { title: s.id, text: shortId(s.id) })),
+        ...(everyone ? [s.userId === me ? `${s.userId} (you)` : s.userId] : []),
         s.provider,
         num(fmtInt(s.tokens)),
         h("span", { class: `badge ${s.status.toLowerCase()}`, text: s.status }, s.failureReason ? ` (${s.failureReason})` : ""),
@@ -37,11 +40,11 @@ export function mount(root) {
           type: "button",
           class: "secondary",
           text: "Show trail",
-          "aria-label": `Show the event trail of saga ${shortId(s.id)}`,
+          "aria-label": `Show trail of saga ${shortId(s.id)}`,
           "aria-controls": "purchase-trail",
           onclick: () => {
             open = s.id;
-            showTrail(s, s.userId === me);
+            showTrail(s);
           },
         }),
       ]),

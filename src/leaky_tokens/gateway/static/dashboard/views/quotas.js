@@ -4,7 +4,7 @@
 
 import { call, currentSession, isAdmin } from "../api.js";
 import { announce, fmtInt, fmtTime, h } from "../dom.js";
-import { dataTable, errorBox, field, num, providerSelect, rowHeader, section } from "../widgets.js";
+import { dataTable, errorBox, field, num, numCol, providerSelect, rowHeader, section } from "../widgets.js";
 
 const PAGE_SIZE = 50;
 // The purchased credit of issue 10's ledger, under whichever name the quota read gives it.
@@ -33,7 +33,7 @@ function meter(pool) {
 
 export function mount(root) {
   const errors = errorBox();
-  const pools = dataTable("Quota pools", ["Owner", "Provider", "Total", "Remaining", "Resets at"], { id: "quota-table" });
+  const pools = dataTable("Quota pools", ["Owner", "Provider", numCol("Total"), "Remaining", "Resets at"], { id: "quota-table" });
   const pager = h("div", { class: "pager" });
   let page = 1;
   root.append(errors.element, pools.element, pager);

@@ -4,14 +4,14 @@
 
 import { call } from "../api.js";
 import { fmtInt, fmtTime, h } from "../dom.js";
-import { REFRESH_MS, dataTable, errorBox, num, poll, rowHeader, section, updatedStamp } from "../widgets.js";
+import { REFRESH_MS, dataTable, errorBox, num, numCol, poll, rowHeader, section, updatedStamp } from "../widgets.js";
 
 export function mount(root) {
   const errors = errorBox();
   const stamp = updatedStamp();
   const overall = h("p", { class: "overall", id: "system-overall" });
-  const upstreams = dataTable("Upstreams", ["Service", "Health", "Latency (ms)", "Breaker", "Failure rate", "Calls in window"], { id: "upstream-table" });
-  const pipeline = dataTable("Event pipeline", ["Measure", "Value"], { id: "pipeline-table" });
+  const upstreams = dataTable("Upstreams", ["Service", "Health", numCol("Latency (ms)"), "Breaker", numCol("Failure rate"), numCol("Calls in window")], { id: "upstream-table" });
+  const pipeline = dataTable("Event pipeline", ["Measure", numCol("Value")], { id: "pipeline-table" });
   root.append(
     h("div", { class: "toolbar" }, stamp.element),
     errors.element,

@@ -3,13 +3,13 @@
 
 import { call, currentSession } from "../api.js";
 import { fmtInt, h } from "../dom.js";
-import { REFRESH_MS, dataTable, errorBox, num, poll, rowHeader, updatedStamp, windowPicker } from "../widgets.js";
+import { REFRESH_MS, dataTable, errorBox, num, numCol, poll, rowHeader, updatedStamp, windowPicker } from "../widgets.js";
 
 export function mount(root, ctx) {
   const errors = errorBox();
   const stamp = updatedStamp();
-  const users = dataTable("Top users", ["User", "Tokens", "Requests", "Allowed tokens"], { id: "top-users" });
-  const orgs = dataTable("Top organisations", ["Organisation", "Tokens", "Requests", "Allowed tokens"], { id: "top-orgs" });
+  const users = dataTable("Top users", ["User", numCol("Tokens"), numCol("Requests"), numCol("Allowed tokens")], { id: "top-users" });
+  const orgs = dataTable("Top organisations", ["Organisation", numCol("Tokens"), numCol("Requests"), numCol("Allowed tokens")], { id: "top-orgs" });
   let poller;
   root.append(
     h("div", { class: "toolbar" }, windowPicker(ctx.prefs, () => poller.now()), stamp.element),

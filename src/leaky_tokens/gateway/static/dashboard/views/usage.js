@@ -11,6 +11,7 @@ import {
   dataTable,
   errorBox,
   num,
+  numCol,
   poll,
   rowHeader,
   section,
@@ -36,15 +37,11 @@ export function mount(root, ctx) {
     { yLabel: "requests", height: 200 },
   );
   const anomalyList = h("ul", { class: "anomalies", id: "anomaly-list" });
-  const totals = dataTable("Totals for the window", [
-    "Provider",
-    "Model",
-    "Requests",
-    "Allowed",
-    "Refused",
-    "Tokens",
-    "Allowed tokens",
-  ], { id: "usage-totals" });
+  const totals = dataTable(
+    "Totals for the window",
+    ["Provider", "Model", numCol("Requests"), numCol("Allowed"), numCol("Refused"), numCol("Tokens"), numCol("Allowed tokens")],
+    { id: "usage-totals" },
+  );
   let poller;
   const picker = windowPicker(ctx.prefs, () => poller.now());
 
