@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.backends import REQUIRE_SERVERS
+from tests.e2e.conftest import Stack
+from tests.e2e.journeys import admin_env
 
 CHROMIUM = os.environ.get("LEAKY_TEST_CHROMIUM", "/usr/bin/chromium")
 # What this closed network needs: no background connections (they are refused, many at a time)
@@ -37,6 +41,28 @@ ARTEFACTS = Path(os.environ.get("LEAKY_TEST_ARTEFACTS", ROOT / "var" / "test-art
 AXE_SOURCE = Path(__file__).with_name("vendor") / "axe.min.js"
 # Chrome reports a failed fetch (4xx/5xx) on the console; a test that expects one says so.
 NETWORK_ERROR = re.compile(r"Failed to load resource: the server responded with a status of (\d+)")
+
+
+# The dashboard refreshes a view every 5 s (4 calls on the usage view), and the tests' own calls
+# share the user's window at the gateway.
+GATEWAY_LIMIT = {"LEAKY_GATEWAY__RATE_LIMIT_REQUESTS": "1000"}
+
+
+@contextmanager
+def dashboard_stack(workdir: Path, env: dict[str, str], shape: str, admin: str) -> Iterator[Stack]:
+    """`leaky-tokens up` with this ADMIN bootstrapped, for a module of browser tests."""
+    running = Stack(workdir, env, shape)
+    running.up(extra_env={**admin_env(admin), **GATEWAY_LIMIT}, name=f"dashboard-{shape}")
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+@pytest.fixture(scope="module")
+def gateway(system: Stack) -> Iterator[httpx.Client]:
+    with system.client("gateway") as client:
+        yield client
 
 
 def need_browser() -> None:

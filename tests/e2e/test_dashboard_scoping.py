@@ -14,35 +14,28 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.browser import ARTEFACTS, Dashboard, browser, open_dashboard
+from tests.e2e.browser import (
+    ARTEFACTS,
+    Dashboard,
+    browser,
+    dashboard_stack,
+    gateway,
+    open_dashboard,
+)
 from tests.e2e.conftest import Stack
-from tests.e2e.journeys import ADMIN_PASSWORD, Account, admin_env, login, register
+from tests.e2e.journeys import ADMIN_PASSWORD, Account, login, register
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("dashboard-scoping")]
-__all__ = ["browser"]  # the fixture, imported for this module
+__all__ = ["browser", "gateway"]  # fixtures, imported for this module
 
 ADMIN_USERNAME = "dash_scope_admin"
-# The dashboard refreshes a view every 5 s (4 calls on the usage view); the tests' own calls
-# share the user's window.
-GATEWAY_LIMIT = {"LEAKY_GATEWAY__RATE_LIMIT_REQUESTS": "1000"}
 SEEN_WITHIN_MS = 15_000
 
 
 @pytest.fixture(scope="module")
 def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
-    workdir, env, shape = stack_env
-    running = Stack(workdir, env, shape)
-    running.up(extra_env={**admin_env(ADMIN_USERNAME), **GATEWAY_LIMIT}, name="dashboard-up")
-    try:
+    with dashboard_stack(*stack_env, ADMIN_USERNAME) as running:
         yield running
-    finally:
-        running.stop_all()
-
-
-@pytest.fixture(scope="module")
-def gateway(system: Stack) -> Iterator[httpx.Client]:
-    with system.client("gateway") as client:
-        yield client
 
 
 @dataclass

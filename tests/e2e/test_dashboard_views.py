@@ -15,19 +15,25 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.browser import ARTEFACTS, Dashboard, browser, open_dashboard
+from tests.e2e.browser import (
+    ARTEFACTS,
+    Dashboard,
+    browser,
+    dashboard_stack,
+    gateway,
+    open_dashboard,
+)
 from tests.e2e.conftest import Stack, base_env
 from tests.e2e.journeys import (
     ADMIN_PASSWORD,
     Account,
-    admin_env,
     assert_error,
     login,
     register,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("dashboard-views")]
-__all__ = ["browser"]  # the fixture, imported for this module
+__all__ = ["browser", "gateway"]  # fixtures, imported for this module
 
 ADMIN_USERNAME = "dash_views_admin"
 ALL_VIEWS = [
@@ -43,21 +49,8 @@ ALL_VIEWS = [
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("dashboard-views")
-    running = Stack(workdir, base_env(workdir), "embedded")
-    running.up(
-        extra_env={**admin_env(ADMIN_USERNAME), "LEAKY_GATEWAY__RATE_LIMIT_REQUESTS": "1000"},
-        name="dashboard-views-up",
-    )
-    try:
+    with dashboard_stack(workdir, base_env(workdir), "embedded", ADMIN_USERNAME) as running:
         yield running
-    finally:
-        running.stop_all()
-
-
-@pytest.fixture(scope="module")
-def gateway(system: Stack) -> Iterator[httpx.Client]:
-    with system.client("gateway") as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

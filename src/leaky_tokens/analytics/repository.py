@@ -37,14 +37,6 @@ class WindowTotals:
 
 
 @dataclass(frozen=True, slots=True)
-class UserTotals:
-    user_id: uuid.UUID
-    tokens: int
-    events: int
-    allowed_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
 class OwnerTotals:
     """One user's or one org's totals in a window (`owner_id` is the user or org id)."""
 
@@ -172,29 +164,31 @@ class AnalyticsRepository:
 
     async def top_users(
         self, scope: UsageFilter, start: datetime, end: datetime, limit: int
-    ) -> list[UserTotals]:
-        tokens = func.sum(UsageEvent.tokens)
-        events = func.count()
-        rows = await self.session.execute(
-            select(UsageEvent.user_id, tokens, events, func.sum(_ALLOWED_TOKENS))
-            .where(*_where(scope, start, end))
-            .group_by(UsageEvent.user_id)
-            .order_by(tokens.desc(), events.desc(), UsageEvent.user_id)
-            .limit(limit)
-        )
-        return [UserTotals(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+    ) -> list[OwnerTotals]:
+        """The users who asked for most tokens in the window."""
+        return await self._top_by(UsageEvent.user_id, scope, start, end, limit)
 
     async def top_orgs(
         self, scope: UsageFilter, start: datetime, end: datetime, limit: int
     ) -> list[OwnerTotals]:
         """Organisations whose pools were charged most in the window (events with an org)."""
+        return await self._top_by(UsageEvent.org_id, scope, start, end, limit)
+
+    async def _top_by(
+        self,
+        owner: Any,
+        scope: UsageFilter,
+        start: datetime,
+        end: datetime,
+        limit: int,
+    ) -> list[OwnerTotals]:
         tokens = func.sum(UsageEvent.tokens)
         events = func.count()
         rows = await self.session.execute(
-            select(UsageEvent.org_id, tokens, events, func.sum(_ALLOWED_TOKENS))
-            .where(*_where(scope, start, end), UsageEvent.org_id.is_not(None))
-            .group_by(UsageEvent.org_id)
-            .order_by(tokens.desc(), events.desc(), UsageEvent.org_id)
+            select(owner, tokens, events, func.sum(_ALLOWED_TOKENS))
+            .where(*_where(scope, start, end), owner.is_not(None))
+            .group_by(owner)
+            .order_by(tokens.desc(), events.desc(), owner)
             .limit(limit)
         )
         return [OwnerTotals(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]

@@ -25,7 +25,12 @@ from pydantic import Field, StringConstraints, ValidationError
 
 from leaky_tokens.analytics import anomalies
 from leaky_tokens.analytics.errors import ForeignUsage, TooManyBuckets, UnknownProvider
-from leaky_tokens.analytics.repository import AnalyticsRepository, BucketTotals, UsageFilter
+from leaky_tokens.analytics.repository import (
+    AnalyticsRepository,
+    BucketTotals,
+    OwnerTotals,
+    UsageFilter,
+)
 from leaky_tokens.analytics.schemas import (
     AnomalyRead,
     ConsumerLagRead,
@@ -259,6 +264,18 @@ def _series(
     return series, overall
 
 
+def _top_users(users: Sequence[OwnerTotals]) -> list[TopUser]:
+    return [
+        TopUser(
+            user_id=u.owner_id,
+            total_tokens=u.tokens,
+            events=u.events,
+            allowed_tokens=u.allowed_tokens,
+        )
+        for u in users
+    ]
+
+
 def _totals(requests: int, allowed: int, tokens: int, allowed_tokens: int) -> SeriesTotals:
     return SeriesTotals(
         requests=requests,
@@ -390,15 +407,7 @@ class AnalyticsService:
             average_tokens=_rounded(totals.tokens / totals.events) if totals.events else 0.0,
             unique_users=totals.unique_users,
             sample_limit=MAX_ITEMS,
-            top_users=[
-                TopUser(
-                    user_id=u.user_id,
-                    total_tokens=u.tokens,
-                    events=u.events,
-                    allowed_tokens=u.allowed_tokens,
-                )
-                for u in top
-            ],
+            top_users=_top_users(top),
         )
 
     async def anomalies(
@@ -492,15 +501,7 @@ class AnalyticsService:
             provider=scope.provider,
             window_start=start,
             window_end=end,
-            top_users=[
-                TopUser(
-                    user_id=u.user_id,
-                    total_tokens=u.tokens,
-                    events=u.events,
-                    allowed_tokens=u.allowed_tokens,
-                )
-                for u in users
-            ],
+            top_users=_top_users(users),
             top_orgs=[
                 TopOrg(
                     org_id=o.owner_id,
