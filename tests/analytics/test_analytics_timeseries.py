@@ -216,3 +216,18 @@ async def test_consumer_lag_is_for_admins(analytics: AnalyticsClient) -> None:
         "total": 0,
         "measuredAt": "2026-03-01T12:00:00Z",
     }
+
+
+async def test_the_new_reads_are_documented(analytics: AnalyticsClient) -> None:
+    schema = (await analytics.http.get("/openapi.json")).json()
+    for path in ("timeseries", "top", "admin/consumers"):
+        operation = schema["paths"][f"/api/v1/analytics/{path}"]["get"]
+        assert operation["description"], path
+    series = schema["paths"]["/api/v1/analytics/timeseries"]["get"]
+    assert {p["name"] for p in series["parameters"]} == {
+        "windowMinutes",
+        "bucketSeconds",
+        "provider",
+        "userId",
+        "orgId",
+    }

@@ -261,6 +261,50 @@ def test_a_purchase_started_from_the_page_completes_with_its_trail(
     tab.console.assert_clean()
 
 
+def test_usage_shows_each_provider_with_allowed_and_refused_requests(
+    tab: Dashboard, user: Account, admin: Account, gateway: httpx.Client
+) -> None:
+    expect = _expect()
+    for provider, total in (("qwen", 10_000), ("gemini", 150)):
+        response = gateway.put(
+            "/api/v1/tokens/quota",
+            headers=admin.bearer,
+            json={"userId": user.user_id, "provider": provider, "totalTokens": total},
+        )
+        assert response.status_code == 200, response.text
+
+    def consume(provider: str, tokens: int, status: int) -> None:
+        answer = gateway.post(
+            "/api/v1/tokens/consume",
+            headers=user.bearer,
+            json={"userId": user.user_id, "provider": provider, "tokens": tokens},
+        )
+        assert answer.status_code == status, answer.text
+
+    for _ in range(5):
+        consume("openai", 100, 200)
+    consume("openai", 700, 429)  # the leaky bucket (capacity 1000) refuses the burst
+    for _ in range(3):
+        consume("qwen", 200, 200)
+    consume("gemini", 100, 200)
+    consume("gemini", 100, 402)  # the pool has 50 left
+    tab.sign_in(user.username, user.password)
+    expected = {
+        # provider: requests, allowed, refused, tokens (asked for), allowed tokens
+        "openai": ["6", "5", "1", "1,200", "500"],
+        "qwen": ["3", "3", "0", "600", "600"],
+        "gemini": ["2", "1", "1", "200", "100"],
+    }
+    for provider, cells in expected.items():
+        header = tab.page.locator(f"th:text-is('{provider}')")
+        row = tab.page.locator("#usage-totals tbody tr", has=header)
+        expect(row.locator("td.num")).to_have_text(cells, timeout=15_000)
+    expect(tab.page.locator("#anomaly-list li.spike")).to_have_count(3)
+    tab.page.wait_for_timeout(300)
+    tab.screenshot("usage-providers")
+    tab.console.assert_clean()
+
+
 # --- keyboard, accessibility, narrow screens ----------------------------------------------------
 
 

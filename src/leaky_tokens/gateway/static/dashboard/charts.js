@@ -4,8 +4,22 @@
 import uPlot from "./vendor/uPlot.esm.js";
 import { h } from "./dom.js";
 
-// Distinguishable colours with at least 4.5:1 contrast on white (legend text uses them too).
-export const PALETTE = ["#1f4fa0", "#a4262c", "#1d6b34", "#6b3fa0", "#8a4b00", "#00636b", "#5c5c5c"];
+// Distinguishable colours with at least 4.5:1 contrast on white. Each provider keeps its own;
+// red and green are left to refused and allowed.
+const PROVIDER_COLOURS = { openai: "#1f4fa0", qwen: "#8a4b00", gemini: "#6b3fa0" };
+const MODEL_COLOURS = ["#00636b", "#5c5c5c", "#9c2f7a", "#3d5a00", "#004f8c", "#7a5200"];
+
+// A colour per series, stable across refreshes: the provider's for its model-less series, the
+// next model colour for each (provider, model) in the order they come.
+export function seriesColours(series) {
+  let next = 0;
+  return series.map((s) => {
+    if (!s.model && PROVIDER_COLOURS[s.provider]) return PROVIDER_COLOURS[s.provider];
+    const colour = MODEL_COLOURS[next % MODEL_COLOURS.length];
+    next += 1;
+    return colour;
+  });
+}
 export const ALLOWED_COLOUR = "#1d6b34";
 export const REFUSED_COLOUR = "#a4262c";
 const SPIKE_FILL = "rgba(164, 38, 44, 0.14)";
@@ -13,12 +27,28 @@ const SPIKE_EDGE = "#a4262c";
 // Counts are whole: ticks at 1, 2, 5 x 10^n only.
 const WHOLE_STEPS = Array.from({ length: 12 }, (_, n) => [1, 2, 5].map((m) => m * 10 ** n)).flat();
 
+// Overlapping spikes (one anomaly window, asked per provider a few ms apart) share one band
+// and one label.
+function bands(spikes) {
+  const merged = [];
+  for (const spike of [...spikes].sort((a, b) => a.start - b.start)) {
+    const last = merged[merged.length - 1];
+    if (last && spike.start <= last.end) {
+      last.end = Math.max(last.end, spike.end);
+      last.labels.push(spike.label);
+    } else {
+      merged.push({ start: spike.start, end: spike.end, labels: [spike.label] });
+    }
+  }
+  return merged.map((b) => ({ ...b, label: b.labels.join(", ") }));
+}
+
 function drawSpikes(u, spikes) {
   if (!spikes.length) return;
   const { ctx } = u;
   const { top, height } = u.bbox;
   ctx.save();
-  for (const spike of spikes) {
+  for (const spike of bands(spikes)) {
     const x0 = u.valToPos(spike.start, "x", true);
     const x1 = u.valToPos(spike.end, "x", true);
     const left = Math.max(u.bbox.left, Math.min(x0, x1));

@@ -3,7 +3,7 @@
 // GET /api/v1/analytics/anomalies — both scoped by the API (a USER sees their own events).
 
 import { call } from "../api.js";
-import { ALLOWED_COLOUR, PALETTE, REFUSED_COLOUR, TimeChart } from "../charts.js";
+import { ALLOWED_COLOUR, REFUSED_COLOUR, TimeChart, seriesColours } from "../charts.js";
 import { fmtInt, h, replace } from "../dom.js";
 import {
   PROVIDERS,
@@ -72,9 +72,10 @@ export function mount(root, ctx) {
         end: seconds(v.currentWindowEnd),
         label: `${v.provider} ×${v.ratio}`,
       }));
+    const colours = seriesColours(series.series);
     tokensChart.update(
       xs,
-      series.series.map((s, i) => ({ label: seriesLabel(s), colour: PALETTE[i % PALETTE.length], values: s.tokens })),
+      series.series.map((s, i) => ({ label: seriesLabel(s), colour: colours[i], values: s.tokens })),
       spikes,
     );
     const allowed = xs.map((_, i) => series.series.reduce((sum, s) => sum + s.allowedRequests[i], 0));
