@@ -150,6 +150,18 @@ def test_an_expired_session_sends_the_user_back_to_sign_in(tab: Dashboard, user:
     tab.console.assert_clean(401)
 
 
+def test_the_session_ends_when_its_token_expires(tab: Dashboard, user: Account) -> None:
+    expect = _expect()
+    tab.page.clock.install()  # the page's timers and Date, moved by the test
+    tab.sign_in(user.username, user.password)
+    tab.page.clock.fast_forward(3_601_000)  # past the token's expiresIn (3600 s)
+    tab.page.get_by_role("heading", name="Sign in").wait_for()
+    expect(tab.page.locator("#session-message")).to_have_text(
+        "Your session expired. Please sign in again."
+    )
+    tab.console.assert_clean()
+
+
 def test_sign_out_forgets_the_session(tab: Dashboard, user: Account) -> None:
     expect = _expect()
     tab.sign_in(user.username, user.password)
