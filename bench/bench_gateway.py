@@ -51,6 +51,8 @@ def _env(workdir: Path, extra: dict[str, str]) -> dict[str, str]:
             "LEAKY_ADMIN_USERNAME": "bench_admin",
             "LEAKY_ADMIN_PASSWORD": "bench-password",
             "LEAKY_GATEWAY__RATE_LIMIT_REQUESTS": "1000000000",
+            "LEAKY_GATEWAY__ADDRESS_LIMIT_REQUESTS": "1000000000",
+            "LEAKY_GATEWAY__USER_LIMIT_REQUESTS": "1000000000",
             "LEAKY_GATEWAY__RATE_LIMIT_KEY_PREFIX": f"lt:gw:bench:{uuid.uuid4().hex}:",
         }
     )

@@ -236,9 +236,9 @@ def _auth_service(settings: Settings):  # type: ignore[no-untyped-def]
 
     from leaky_tokens.auth.service import AuthService
     from leaky_tokens.shared.clock import SystemClock
-    from leaky_tokens.shared.counters import MemoryWindowCounter
     from leaky_tokens.shared.database import Database
     from leaky_tokens.shared.migrations import upgrade_database
+    from leaky_tokens.shared.rate_limit import MemoryFixedWindowLimiter
 
     @contextlib.asynccontextmanager
     async def scope():  # type: ignore[no-untyped-def]
@@ -247,7 +247,7 @@ def _auth_service(settings: Settings):  # type: ignore[no-untyped-def]
         await upgrade_database(url, "auth")
         database = Database(url)
         try:
-            yield AuthService(database, settings.auth, SystemClock(), MemoryWindowCounter())
+            yield AuthService(database, settings.auth, SystemClock(), MemoryFixedWindowLimiter())
         finally:
             await database.dispose()
 

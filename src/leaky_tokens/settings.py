@@ -175,24 +175,58 @@ DEFAULT_PUBLIC_ROUTES: tuple[str, ...] = (
 )
 
 
+class RedisSettings(BaseModel):
+    """How every service uses Redis when REDIS_URL is set: each call is bounded by these
+    timeouts; after a failure Redis is not asked again for `fail_fast_seconds` (then one call
+    probes it). `on_failure`: "fallback" decides limits and buckets in each process's memory
+    meanwhile (counted in redis_fallback_decisions_total), "closed" answers 503."""
+
+    connect_timeout_seconds: float = Field(0.5, gt=0, le=30)
+    command_timeout_seconds: float = Field(0.5, gt=0, le=30)
+    fail_fast_seconds: float = Field(1.0, ge=0, le=60)
+    on_failure: Literal["fallback", "closed"] = "fallback"
+    max_connections: int = Field(64, ge=1)
+
+
 class GatewaySettings(BaseModel):
-    upstream_timeout_seconds: float = Field(10.0, gt=0)  # connect + wait for each read
     connect_timeout_seconds: float = Field(2.0, gt=0)
+    # From sending the request until the answer's headers are in; also the longest silence
+    # while the body streams.
+    upstream_timeout_seconds: float = Field(10.0, gt=0)
+    # The whole answer, last byte included (a long stream is cut here).
+    answer_timeout_seconds: float = Field(300.0, gt=0)
+    # How long a request waits for one of the upstream's connections before a 503.
+    pool_wait_seconds: float = Field(1.0, ge=0)
     health_timeout_seconds: float = Field(2.0, gt=0)
     max_connections_per_upstream: int = Field(256, ge=1)
+    # How long a client may take to send its request body (408 after).
+    client_body_timeout_seconds: float = Field(10.0, gt=0)
+    # Requests with more headers, or more header bytes, are refused (431).
+    max_headers: int = Field(100, ge=1)
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    # Every request of a client address, counted in each gateway process before any
+    # credential is checked (a flood guard; set it above what a busy NAT sends).
+    address_limit_requests: int = Field(1200, ge=1)
+    address_limit_window_seconds: int = Field(60, ge=1, le=86400)
     # Default limit per principal (API key, else user, else client IP).
     rate_limit_requests: int = Field(120, ge=1)
     rate_limit_window_seconds: int = Field(60, ge=1, le=86400)
+    # Per user across all their API keys and tokens, besides each key's own limit.
+    user_limit_requests: int = Field(600, ge=1)
+    user_limit_window_seconds: int = Field(60, ge=1, le=86400)
+    # Unknown, revoked and expired API keys are remembered this long (no auth call meanwhile).
+    negative_cache_seconds: float = Field(5.0, ge=0, le=300)
     route_limits: list[RouteLimit] = []
     rate_limit_key_prefix: str = Field("lt:gw:", min_length=1)  # Redis keys
     # Peers (IPs or CIDRs) whose X-Forwarded-For is believed; by default nobody's.
     trusted_proxies: list[str] = []
     public_routes: list[str] = list(DEFAULT_PUBLIC_ROUTES)
-    # Circuit breaker per upstream: connection errors, timeouts and 503s count as failures.
+    # Circuit breaker per upstream: connection errors, timeouts and 503s marked as the
+    # upstream's own outage (X-Service-Outage) count as failures.
     breaker_window_size: int = Field(20, ge=1)
     breaker_minimum_calls: int = Field(10, ge=1)
     breaker_failure_rate: float = Field(0.5, gt=0, le=1)
-    breaker_open_seconds: float = Field(30.0, ge=0)
+    breaker_open_seconds: float = Field(5.0, ge=0)
     breaker_half_open_calls: int = Field(3, ge=1)
 
     @model_validator(mode="after")
@@ -246,6 +280,7 @@ class Settings(BaseSettings):
     analytics: AnalyticsSettings = AnalyticsSettings()
     events: EventsSettings = EventsSettings()
     gateway: GatewaySettings = GatewaySettings()
+    redis: RedisSettings = RedisSettings()
 
     @field_validator("redis_url")
     @classmethod

@@ -7,6 +7,7 @@ from tests.gateway.gateway_harness import Reply, assert_error, running_gateway
 from tests.live_server import closed_port
 
 FALLBACK_KEYS = {"service", "status", "message", "timestamp", "code", "requestId"}
+OUTAGE = [(b"content-type", b"application/json"), (b"x-service-outage", b"true")]
 BREAKER = {
     "breaker_window_size": 4,
     "breaker_minimum_calls": 3,
@@ -43,10 +44,12 @@ async def test_a_stopped_upstream_opens_its_breaker_and_the_fallback_answers() -
     assert 'gateway_upstream_failures_total{reason="open",upstream="tokens"} 1.0' in metrics
 
 
-async def test_503_answers_count_as_failures_but_pass_through_unchanged() -> None:
+async def test_outage_503_answers_count_as_failures_but_pass_through_unchanged() -> None:
     async with running_gateway(**BREAKER) as gw:
         for _ in range(3):
-            gw.upstream.reply(Reply(status=503, body=b'{"message":"database unavailable"}'))
+            gw.upstream.reply(
+                Reply(status=503, body=b'{"message":"database unavailable"}', headers=OUTAGE)
+            )
         client = gw.client()
         passed = [await client.get("/api/v1/tokens/status") for _ in range(3)]
         refused = await client.get("/api/v1/tokens/status")
@@ -60,7 +63,7 @@ async def test_503_answers_count_as_failures_but_pass_through_unchanged() -> Non
 async def test_the_breaker_closes_after_the_open_wait_and_successful_probes() -> None:
     async with running_gateway(**BREAKER) as gw:
         for _ in range(3):
-            gw.upstream.reply(Reply(status=503))
+            gw.upstream.reply(Reply(status=503, headers=OUTAGE))
         client = gw.client()
         for _ in range(3):
             await client.get("/api/v1/tokens/status")
@@ -80,7 +83,7 @@ async def test_the_breaker_closes_after_the_open_wait_and_successful_probes() ->
 
 async def test_a_failed_probe_opens_the_breaker_again() -> None:
     async with running_gateway(**BREAKER) as gw:
-        gw.upstream.reply(*[Reply(status=503)] * 4)
+        gw.upstream.reply(*[Reply(status=503, headers=OUTAGE)] * 4)
         client = gw.client()
         for _ in range(3):
             await client.get("/api/v1/tokens/status")
@@ -108,7 +111,7 @@ async def test_a_slow_upstream_is_a_timeout_and_counts() -> None:
 
 async def test_an_open_breaker_of_one_upstream_leaves_the_others_alone() -> None:
     async with running_gateway(**BREAKER) as gw:
-        gw.upstream.reply(*[Reply(status=503)] * 3)
+        gw.upstream.reply(*[Reply(status=503, headers=OUTAGE)] * 3)
         client = gw.client()
         for _ in range(3):
             await client.get("/api/v1/tokens/status")
@@ -118,3 +121,30 @@ async def test_an_open_breaker_of_one_upstream_leaves_the_others_alone() -> None
 
     assert tokens.json()["message"] == "Circuit breaker open"
     assert auth.status_code == 200
+
+
+async def test_business_503s_about_one_callers_request_never_open_the_breaker() -> None:
+    """Issue 9, defect 6: with purchases switched off, one user's PURCHASES_DISABLED answers
+    opened the token service's breaker and cut every other user off for 30 s."""
+    body = b'{"code":"PURCHASES_DISABLED","message":"purchases are switched off"}'
+    async with running_gateway(**BREAKER) as gw:
+        buyer, other = gw.auth.add_key(), gw.auth.add_key()
+        for _ in range(10):
+            gw.upstream.reply(Reply(status=503, body=body))
+        refused = [
+            await gw.client().post("/api/v1/tokens/purchase", headers={"X-Api-Key": buyer})
+            for _ in range(10)
+        ]
+        others = [
+            await gw.client(ip="198.51.100.77").get(
+                "/api/v1/tokens/quota", headers={"X-Api-Key": other}
+            )
+            for _ in range(3)
+        ]
+        state = gw.app.state.edge.upstreams["tokens"].breaker.snapshot()
+
+    assert [r.status_code for r in refused] == [503] * 10
+    assert all(r.content == body for r in refused)  # passed through unchanged
+    assert [r.status_code for r in others] == [200, 200, 200]
+    assert state["state"] == "closed"
+    assert state["failedCallsInWindow"] == 0

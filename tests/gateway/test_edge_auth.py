@@ -7,7 +7,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -19,6 +18,7 @@ from leaky_tokens.shared.errors import (
     RevokedApiKey,
     ServiceUnavailable,
 )
+from tests.fake_http import Answer, fake_service
 from tests.gateway.gateway_harness import Gateway, assert_error, running_gateway
 
 ISSUER = "leaky-tokens"
@@ -176,18 +176,12 @@ def _token(key: RSAPrivateKey, kid: str, **claims: Any) -> str:
 @pytest.fixture
 async def jwt_gateway(keys: tuple[RSAPrivateKey, RSAPrivateKey]) -> AsyncIterator[Gateway]:
     published, _ = keys
-    jwks_calls: list[str] = []
 
-    def auth_service(request: httpx.Request) -> httpx.Response:
-        jwks_calls.append(request.url.path)
-        return httpx.Response(200, json=_jwks(published, "kid-1"))
-
-    authenticator = RemoteAuthenticator(
-        "http://auth", issuer=ISSUER, transport=httpx.MockTransport(auth_service)
-    )
-    async with running_gateway(authenticator=authenticator) as gateway:
-        gateway.jwks_calls = jwks_calls  # type: ignore[attr-defined]
-        yield gateway
+    async with fake_service(lambda _: Answer(200, _jwks(published, "kid-1"))) as (url, auth):
+        authenticator = RemoteAuthenticator(url, issuer=ISSUER)
+        async with running_gateway(authenticator=authenticator) as gateway:
+            gateway.jwks_calls = auth.paths  # type: ignore[attr-defined]  (a live list)
+            yield gateway
 
 
 async def test_a_token_signed_by_the_published_key_passes(

@@ -222,13 +222,32 @@ async def test_large_bodies_stream_both_ways(gw: Gateway) -> None:
             yield b"y" * 50_000
 
     response = await gw.client().post(
-        "/api/v1/tokens/consume", content=upload(), headers={"X-Api-Key": key}
+        "/api/v1/tokens/consume",
+        content=upload(),
+        headers={"X-Api-Key": key, "Content-Length": "500000"},
     )
 
     assert response.status_code == 200
     assert response.content == piece * 40
     assert gw.upstream.seen[0].body == b"y" * 500_000
-    assert gw.upstream.seen[0].header("transfer-encoding") == "chunked"
+    assert gw.upstream.seen[0].header("content-length") == "500000"
+    assert gw.upstream.seen[0].header("transfer-encoding") is None
+
+
+async def test_a_chunked_body_is_read_whole_and_goes_on_with_its_length(gw: Gateway) -> None:
+    key = gw.auth.add_key()
+
+    async def upload() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"y" * 50_000
+
+    response = await gw.client().post(
+        "/api/v1/tokens/consume", content=upload(), headers={"X-Api-Key": key}
+    )
+
+    assert response.status_code == 200
+    assert gw.upstream.seen[0].body == b"y" * 500_000
+    assert gw.upstream.seen[0].header("content-length") == "500000"
 
 
 async def test_a_body_over_the_limit_is_refused_with_413(gw: Gateway) -> None:

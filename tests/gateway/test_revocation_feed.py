@@ -1,8 +1,9 @@
 """Revocation is an event: the auth service's feed (and Redis announcement), and services that
 follow it dropping a revoked key at once, whatever their cache time.
 
-The auth service runs in-process (tests/auth/auth_harness.py); followers reach it through
-httpx's ASGI transport, as `RemoteAuthenticator` does over the network in production.
+The auth service runs in-process (tests/auth/auth_harness.py), served on a loopback port behind
+a Gate (tests/fake_http.py) that can hold answers back or refuse the feed; followers reach it
+over real HTTP, as in production.
 """
 
 from __future__ import annotations
@@ -15,41 +16,17 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import pytest_asyncio
 
 from leaky_tokens.shared.authn import REVOCATION_FEED, RemoteAuthenticator
 from leaky_tokens.shared.errors import RevokedApiKey, ServiceUnavailable
 from tests.auth.auth_harness import Account, AuthClient, fresh_database, running_auth
+from tests.fake_http import Gate, gated
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 VALIDATE = "/api/v1/auth/api-keys/validate"
-
-
-class Gate(httpx.AsyncBaseTransport):
-    """Passes requests to the auth service; can hold back validation answers, or go down."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-        self.paths: list[str] = []
-        self.hold_validation: asyncio.Event | None = None
-        self.holding = asyncio.Event()  # a validation answer is being held back
-        self.feed_down = False
-        self.feed_refused = asyncio.Event()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.paths.append(request.url.path)
-        if self.feed_down and request.url.path == REVOCATION_FEED:
-            self.feed_refused.set()
-            raise httpx.ConnectError("connection refused", request=request)
-        response = await self.inner.handle_async_request(request)
-        if self.hold_validation is not None and request.url.path == VALIDATE:
-            await response.aread()
-            self.holding.set()
-            await self.hold_validation.wait()
-        return response
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=["sqlite", "postgresql"])
@@ -71,15 +48,13 @@ Follow = Callable[..., AbstractAsyncContextManager[tuple[RemoteAuthenticator, Ga
 def follow(auth: AuthClient) -> Follow:
     @asynccontextmanager
     async def connect(**options: Any) -> AsyncIterator[tuple[RemoteAuthenticator, Gate]]:
-        gate = Gate(httpx.ASGITransport(app=auth.app))
         settings: dict[str, Any] = {"api_key_cache_seconds": 300, "revocation_poll_seconds": 0.05}
-        authenticator = RemoteAuthenticator(
-            "http://auth", issuer="leaky-tokens", transport=gate, **(settings | options)
-        )
-        try:
-            yield authenticator, gate
-        finally:
-            await authenticator.aclose()
+        async with gated(auth.app) as (url, gate):
+            authenticator = RemoteAuthenticator(url, issuer="leaky-tokens", **(settings | options))
+            try:
+                yield authenticator, gate
+            finally:
+                await authenticator.aclose()
 
     return connect
 
@@ -190,12 +165,12 @@ async def test_an_answer_in_flight_when_the_revocation_arrives_is_not_believed(
 
     async with follow() as (authenticator, gate):
         await authenticator.from_api_key((await auth.create_api_key(account))["rawKey"])
-        gate.hold_validation = asyncio.Event()
+        gate.hold_path, gate.release = VALIDATE, asyncio.Event()
         pending = asyncio.create_task(authenticator.from_api_key(key["rawKey"]))
         await gate.holding.wait()  # the auth service has said "valid"; the answer waits
         await revoke(auth, account, key)
         await asyncio.sleep(0.3)  # the follower hears of it
-        gate.hold_validation.set()
+        gate.release.set()
 
         with pytest.raises(RevokedApiKey):
             await pending
@@ -207,15 +182,15 @@ async def test_without_the_feed_nothing_is_cached(auth: AuthClient, follow: Foll
 
     async with follow() as (authenticator, gate):
         await authenticator.from_api_key(key["rawKey"])
-        gate.feed_down = True
-        await gate.feed_refused.wait()  # (after the long poll under way has ended)
+        gate.down_paths.add(REVOCATION_FEED)
+        await gate.refused.wait()  # (after the long poll under way has ended)
         await asyncio.sleep(0.05)
         before = gate.paths.count(VALIDATE)
         for _ in range(3):
             await authenticator.from_api_key(key["rawKey"])
         assert gate.paths.count(VALIDATE) == before + 3  # each answer comes from auth
 
-        gate.feed_down = False
+        gate.down_paths.clear()
         await asyncio.sleep(0.3)
         await authenticator.from_api_key(key["rawKey"])
         await authenticator.from_api_key(key["rawKey"])
@@ -229,7 +204,7 @@ async def test_a_follower_that_cannot_read_the_feed_at_all_is_unavailable(
     key = await auth.create_api_key(account)
 
     async with follow() as (authenticator, gate):
-        gate.feed_down = True
+        gate.down_paths.add(REVOCATION_FEED)
         with pytest.raises(ServiceUnavailable):
             await authenticator.from_api_key(key["rawKey"])
 
@@ -244,12 +219,12 @@ async def test_with_redis_the_announcement_is_heard_at_once(
     ):
         account = await auth.register()
         key = await auth.create_api_key(account)
-        gate = Gate(httpx.ASGITransport(app=auth.app))
+        served = gated(auth.app)
+        auth_url, _ = await served.__aenter__()
         # Polling every 30 s: only the pub/sub announcement can be this quick.
         authenticator = RemoteAuthenticator(
-            "http://auth",
+            auth_url,
             issuer="leaky-tokens",
-            transport=gate,
             api_key_cache_seconds=300,
             revocation_poll_seconds=30,
             redis_url=redis_url,
@@ -261,6 +236,7 @@ async def test_with_redis_the_announcement_is_heard_at_once(
             elapsed = await until_refused(authenticator, key["rawKey"])
         finally:
             await authenticator.aclose()
+            await served.__aexit__(None, None, None)
 
     assert elapsed < 0.5
 
@@ -272,12 +248,12 @@ async def test_concurrent_requests_for_an_expired_answer_ask_the_auth_service_on
     key = await auth.create_api_key(account)
 
     async with follow(api_key_cache_seconds=0) as (authenticator, gate):
-        gate.hold_validation = asyncio.Event()
+        gate.hold_path, gate.release = VALIDATE, asyncio.Event()
         callers = [
             asyncio.create_task(authenticator.from_api_key(key["rawKey"])) for _ in range(20)
         ]
         await gate.holding.wait()
-        gate.hold_validation.set()
+        gate.release.set()
         principals = await asyncio.gather(*callers)
 
     assert len({p.api_key_id for p in principals}) == 1

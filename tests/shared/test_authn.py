@@ -1,4 +1,5 @@
-"""RemoteAuthenticator and the `authenticate` dependency, against a real in-process auth service.
+"""RemoteAuthenticator and the `authenticate` dependency, against a real in-process auth service
+served on a loopback port (behind a Gate that records paths and can go down), over real HTTP.
 
 The auth service's database backend is not what is under test here, so it runs on SQLite only.
 """
@@ -39,26 +40,13 @@ from tests.auth.auth_harness import (
     private_key,
     running_auth,
 )
+from tests.fake_http import Answer, Gate, fake_service, gated
+from tests.live_server import closed_port, serving
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 VALIDATE = "/api/v1/auth/api-keys/validate"
 JWKS = "/oauth2/jwks"
-
-
-class Recording(httpx.AsyncBaseTransport):
-    """Passes requests on to the auth service and remembers their paths; can go 'down'."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-        self.paths: list[str] = []
-        self.down = False
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.paths.append(request.url.path)
-        if self.down:
-            raise httpx.ConnectError("connection refused", request=request)
-        return await self.inner.handle_async_request(request)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -68,22 +56,18 @@ async def auth(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AuthCl
         yield client
 
 
-Connect = Callable[..., AbstractAsyncContextManager[tuple[RemoteAuthenticator, Recording]]]
+Connect = Callable[..., AbstractAsyncContextManager[tuple[RemoteAuthenticator, Gate]]]
 
 
 def _connector(auth: AuthClient) -> Connect:
     @asynccontextmanager
-    async def connect(
-        **options: Any,
-    ) -> AsyncIterator[tuple[RemoteAuthenticator, Recording]]:
-        transport = Recording(httpx.ASGITransport(app=auth.app))
-        authenticator = RemoteAuthenticator(
-            "http://test", issuer="leaky-tokens", transport=transport, **options
-        )
-        try:
-            yield authenticator, transport
-        finally:
-            await authenticator.aclose()
+    async def connect(**options: Any) -> AsyncIterator[tuple[RemoteAuthenticator, Gate]]:
+        async with gated(auth.app) as (url, gate):
+            authenticator = RemoteAuthenticator(url, issuer="leaky-tokens", **options)
+            try:
+                yield authenticator, gate
+            finally:
+                await authenticator.aclose()
 
     return connect
 
@@ -329,43 +313,51 @@ async def test_an_unknown_key_is_invalid_and_not_cached(auth: AuthClient, connec
 async def test_the_auth_services_answers_map_to_our_errors(
     status: int, body: object, error: type[AppError]
 ) -> None:
-    def answer(_: httpx.Request) -> httpx.Response:
-        if isinstance(body, str):
-            return httpx.Response(status, text=body)
-        return httpx.Response(status, json=body)
-
-    authenticator = RemoteAuthenticator(
-        "http://auth", issuer="leaky-tokens", transport=httpx.MockTransport(answer)
-    )
-    try:
-        with pytest.raises(error):
-            await authenticator.from_api_key("leaky_whatever")
-    finally:
-        await authenticator.aclose()
+    async with fake_service(lambda _: Answer(status, body)) as (url, _):
+        authenticator = RemoteAuthenticator(url, issuer="leaky-tokens")
+        try:
+            with pytest.raises(error):
+                await authenticator.from_api_key("leaky_whatever")
+        finally:
+            await authenticator.aclose()
 
 
 @pytest.mark.parametrize(
     "answer",
     [
-        httpx.Response(500, json={"code": "INTERNAL_ERROR"}),
-        httpx.Response(200, text="<html>not our service</html>"),
-        httpx.Response(200, json={"no": "keys"}),
-        httpx.Response(200, json={"keys": [{"kid": "k1", "kty": "RSA"}]}),
+        Answer(500, {"code": "INTERNAL_ERROR"}),
+        Answer(200, "<html>not our service</html>"),
+        Answer(200, {"no": "keys"}),
+        Answer(200, {"keys": [{"kid": "k1", "kty": "RSA"}]}),
     ],
     ids=["500", "html", "no-keys", "broken-jwk"],
 )
-async def test_an_unusable_key_set_is_service_unavailable(
-    auth: AuthClient, answer: httpx.Response
-) -> None:
+async def test_an_unusable_key_set_is_service_unavailable(auth: AuthClient, answer: Answer) -> None:
     account = await auth.register()
-    authenticator = RemoteAuthenticator(
-        "http://auth", issuer="leaky-tokens", transport=httpx.MockTransport(lambda _: answer)
-    )
+    async with fake_service(lambda _: answer) as (url, _):
+        authenticator = RemoteAuthenticator(url, issuer="leaky-tokens")
+        try:
+            with pytest.raises(ServiceUnavailable):
+                await authenticator.from_bearer(account.token)
+        finally:
+            await authenticator.aclose()
+
+
+async def test_a_closed_port_is_unavailable_and_the_error_names_no_url(auth: AuthClient) -> None:
+    account = await auth.register()
+    url = f"http://127.0.0.1:{closed_port()}"
+    authenticator = RemoteAuthenticator(url, issuer="leaky-tokens", timeout_seconds=1)
     try:
-        with pytest.raises(ServiceUnavailable):
+        with pytest.raises(ServiceUnavailable) as for_key:
+            await authenticator.from_api_key("leaky_whatever")
+        with pytest.raises(ServiceUnavailable) as for_token:
             await authenticator.from_bearer(account.token)
     finally:
         await authenticator.aclose()
+
+    for error in (for_key.value, for_token.value):
+        assert "127.0.0.1" not in error.message
+        assert "127.0.0.1" not in str(error.__cause__)
 
 
 async def test_an_unreachable_auth_service_is_unavailable_never_a_pass(
@@ -375,7 +367,7 @@ async def test_an_unreachable_auth_service_is_unavailable_never_a_pass(
     raw = (await auth.create_api_key(account))["rawKey"]
 
     async with connect() as (authenticator, transport):
-        transport.down = True
+        transport.down = True  # (the gate answers 503)
 
         with pytest.raises(ServiceUnavailable) as for_key:
             await authenticator.from_api_key(raw)
@@ -393,7 +385,7 @@ async def test_known_keys_keep_verifying_tokens_while_the_auth_service_is_down(
 
     async with connect() as (authenticator, transport):
         await authenticator.from_bearer(account.token)
-        transport.down = True
+        transport.down = True  # (the gate answers 503)
 
         principal = await authenticator.from_bearer(account.token)
 
@@ -423,9 +415,8 @@ async def test_another_service_accepts_tokens_and_keys_and_answers_errors_in_our
 
     async with (
         connect(api_key_cache_seconds=0) as (authenticator, transport),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=_protected_app(authenticator)), base_url="http://svc"
-        ) as service,
+        serving(_protected_app(authenticator)) as service_url,
+        httpx.AsyncClient(base_url=service_url) as service,
     ):
         by_token = await service.get("/whoami", headers=account.headers)
         by_key = await service.get("/whoami", headers={"X-Api-Key": raw})
@@ -433,7 +424,7 @@ async def test_another_service_accepts_tokens_and_keys_and_answers_errors_in_our
         garbage = await service.get(
             "/whoami", headers={"Authorization": "Bearer invalid.token.here"}
         )
-        transport.down = True
+        transport.down = True  # (the gate answers 503)
         auth_down = await service.get("/whoami", headers={"X-Api-Key": raw})
 
     assert by_token.json() == {"userId": account.user_id, "method": "jwt"}

@@ -31,6 +31,7 @@ from tests.backends import (
     need_postgres,
     need_redis,
 )
+from tests.httpx_outbound import HttpxOutbound
 
 
 class HostRouter(httpx.AsyncBaseTransport):
@@ -131,7 +132,7 @@ async def rig(shape: tuple[str, str], token_settings: TokensSettings) -> AsyncIt
     providers = ProviderClient(
         {p: f"http://{p}" for p in PROVIDERS},
         provider_settings(token_settings),
-        transport=router,
+        outbound=HttpxOutbound(router),
     )
     service = TokenService(database, token_settings, SystemClock(), buckets, providers)
     stubs = httpx.AsyncClient(transport=router)

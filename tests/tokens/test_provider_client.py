@@ -13,6 +13,7 @@ import pytest
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import FakeClock
 from leaky_tokens.tokens.provider_client import ProviderCallFailed, ProviderClient, ProviderSettings
+from tests.httpx_outbound import HttpxOutbound
 
 BASE_URLS = {"openai": "http://openai-stub:8093", "qwen": "http://qwen-stub:8091/"}
 PAYLOAD = {"prompt": "Hello, AI!", "tokens": 50}
@@ -76,7 +77,7 @@ async def make_client(
 
     def make(handler: Handler, settings: ProviderSettings = SETTINGS) -> ProviderClient:
         client = ProviderClient(
-            BASE_URLS, settings, clock=clock, transport=httpx.MockTransport(handler)
+            BASE_URLS, settings, clock=clock, outbound=HttpxOutbound(httpx.MockTransport(handler))
         )
         clients.append(client)
         return client
@@ -327,7 +328,7 @@ async def test_snapshots_cover_every_provider(make_client: Callable[..., Provide
 
 async def test_closes_its_http_client() -> None:
     async with ProviderClient(
-        BASE_URLS, SETTINGS, transport=httpx.MockTransport(stub_answer)
+        BASE_URLS, SETTINGS, outbound=HttpxOutbound(httpx.MockTransport(stub_answer))
     ) as client:
         assert (await client.chat("openai", PAYLOAD))["provider"] == "openai"
     with pytest.raises(RuntimeError):

@@ -21,8 +21,10 @@ from leaky_tokens.shared.events import (
     RedisStreamConsumer,
     finish_task,
     resolve_internal_token,
-    stream_redis_client,
 )
+from leaky_tokens.shared.redis import redis_client
+
+_BLOCK_SECONDS = 1.0  # how long one XREADGROUP waits for new entries
 
 log = logging.getLogger("leaky_tokens.analytics")
 
@@ -132,14 +134,20 @@ async def start_consumers(
     redis: Redis | None = None
     if settings.event_transport() == "redis":
         events = settings.events
-        # Reads block for 1 s at most; anything slower than 10 s is a Redis in trouble.
-        redis = stream_redis_client(settings.redis_url, max_connections=8, socket_timeout=10.0)
+        # Reads block for 1 s at most; a command timeout past that is a Redis in trouble.
+        redis = redis_client(
+            settings.redis_url,
+            connect_timeout_seconds=settings.redis.connect_timeout_seconds,
+            command_timeout_seconds=_BLOCK_SECONDS + settings.redis.command_timeout_seconds,
+            max_connections=8,
+        )
         stream_consumer = RedisStreamConsumer(
             redis,
             streams=STREAMS,
             prefix=events.stream_prefix,
             group=events.consumer_group,
             reclaim_idle_seconds=events.reclaim_idle_seconds,
+            block_ms=int(_BLOCK_SECONDS * 1000),
         )
         try:
             await stream_consumer.start(service.store_events)

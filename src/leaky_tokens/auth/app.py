@@ -16,11 +16,15 @@ from leaky_tokens.settings import Settings
 from leaky_tokens.shared.app import build_service_app
 from leaky_tokens.shared.authn import announce_revocation
 from leaky_tokens.shared.clock import Clock, SystemClock
-from leaky_tokens.shared.counters import MemoryWindowCounter, RedisWindowCounter, WindowCounter
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.principal import Principal
-from leaky_tokens.shared.redis import redis_client
+from leaky_tokens.shared.rate_limit import (
+    FixedWindowLimiter,
+    MemoryFixedWindowLimiter,
+    RedisFixedWindowLimiter,
+)
+from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 
 log = logging.getLogger("leaky_tokens.auth")
 
@@ -55,14 +59,18 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
         if settings.auto_migrate:
             await upgrade_database(url, "auth")
         database = Database(url)
-        redis = redis_client(settings.redis_url) if settings.redis_url else None
+        redis = (
+            redis_from_settings(settings.redis_url, settings.redis) if settings.redis_url else None
+        )
         service_clock = clock or SystemClock()
         # The in-memory login windows run on the service's clock, so tests can move time.
-        throttle: WindowCounter = (
-            RedisWindowCounter(redis, prefix="lt:auth:")
-            if redis
-            else MemoryWindowCounter(service_clock)
-        )
+        memory = MemoryFixedWindowLimiter(service_clock)
+        throttle: FixedWindowLimiter = memory
+        if redis is not None:
+            guard = guard_from_settings(
+                redis, "login_throttle", settings.redis, RedisMetrics.of(app.state.metrics.registry)
+            )
+            throttle = RedisFixedWindowLimiter(guard, prefix="lt:auth:", fallback=memory)
         service = AuthService(database, settings.auth, service_clock, throttle)
         if redis is not None:
             service.announce_revocation = functools.partial(announce_revocation, redis)

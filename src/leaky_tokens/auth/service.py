@@ -30,7 +30,6 @@ from leaky_tokens.auth.passwords import Passwords
 from leaky_tokens.auth.repository import AuthRepository, DuplicateUser
 from leaky_tokens.settings import AuthSettings
 from leaky_tokens.shared.clock import Clock
-from leaky_tokens.shared.counters import WindowCounter, retry_after_seconds
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.errors import (
     ExpiredApiKey,
@@ -42,6 +41,7 @@ from leaky_tokens.shared.errors import (
 from leaky_tokens.shared.jwt_verify import principal_from_claims
 from leaky_tokens.shared.pagination import PageRequest
 from leaky_tokens.shared.principal import ADMIN, USER, Principal
+from leaky_tokens.shared.rate_limit import FixedWindowLimiter, Policy
 
 OWNER = "OWNER"
 MEMBER = "MEMBER"
@@ -70,7 +70,7 @@ class AuthService:
         database: Database,
         settings: AuthSettings,
         clock: Clock,
-        throttle: WindowCounter,
+        throttle: FixedWindowLimiter,
     ) -> None:
         self.db = database
         self.settings = settings
@@ -186,14 +186,16 @@ class AuthService:
 
     async def login(self, username: str, password: str, client: str) -> IssuedSession:
         settings = self.settings
-        account_key, client_key = f"login:acct:{username.lower()}", f"login:client:{client}"
-        for key, limit in (
-            (account_key, settings.login_max_failures_per_account),
-            (client_key, settings.login_max_failures_per_client),
-        ):
-            failures, seconds_left = await self.throttle.peek(key)
-            if failures >= limit:
-                retry = retry_after_seconds(seconds_left)
+        window = settings.login_failure_window_seconds
+        account = (
+            username.lower(),
+            Policy("login:acct", settings.login_max_failures_per_account, window),
+        )
+        by_client = (client, Policy("login:client", settings.login_max_failures_per_client, window))
+        for key, policy in (account, by_client):
+            failures = await self.throttle.peek(key, policy)
+            if not failures.allowed:
+                retry = failures.retry_after
                 raise LoginThrottled(
                     headers={"Retry-After": str(retry)}, extra={"retryAfterSeconds": retry}
                 )
@@ -202,12 +204,11 @@ class AuthService:
             user = await repo.user_by_username(username)
             org_ids = await repo.org_ids_of(user.id) if user else []
         if not await self.passwords.verify(user.password_hash if user else None, password):
-            window = settings.login_failure_window_seconds
-            await self.throttle.hit(account_key, window)
-            await self.throttle.hit(client_key, window)
+            await self.throttle.hit([account])
+            await self.throttle.hit([by_client])
             raise InvalidCredentials()
         assert user is not None
-        await self.throttle.clear(account_key)
+        await self.throttle.clear(*account)
         return IssuedSession(user, self._issue(user, org_ids))
 
     def _issue(self, user: User, org_ids: list[uuid.UUID]) -> str:

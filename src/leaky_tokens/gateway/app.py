@@ -2,6 +2,8 @@
 
 Everything the edge holds for the life of the process (one connection pool and one circuit
 breaker per upstream, the rate limiter, the authenticator) is opened in the lifespan.
+Another API face (the OpenAI-compatible /v1 paths) plugs in as further routes in routing.py
+and its own error renderer; the dispatch below sends every path but the gateway's own there.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-import httpx
 from fastapi import APIRouter, FastAPI, Request
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
@@ -20,13 +21,6 @@ from leaky_tokens.gateway.edge import GatewayEdge, GatewayMetrics
 from leaky_tokens.gateway.health import HEALTH_PATHS, aggregate
 from leaky_tokens.gateway.identity import EdgeAuthenticator
 from leaky_tokens.gateway.proxy import Upstream
-from leaky_tokens.gateway.rate_limit import (
-    HIT_SCRIPT,
-    MemoryRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-)
-from leaky_tokens.gateway.redis_script import ScriptClient
 from leaky_tokens.gateway.routing import RouteTable
 from leaky_tokens.settings import GatewaySettings, Settings
 from leaky_tokens.shared.app import build_service_app
@@ -34,6 +28,13 @@ from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.http import error_response
+from leaky_tokens.shared.outbound import client_session
+from leaky_tokens.shared.rate_limit import (
+    FixedWindowLimiter,
+    MemoryFixedWindowLimiter,
+    RedisFixedWindowLimiter,
+)
+from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 
 router = APIRouter()
 
@@ -41,7 +42,11 @@ router = APIRouter()
 @router.get("/health", tags=["health"])
 async def health(request: Request) -> Response:
     """Every upstream's own health, asked in parallel, and each upstream's circuit breaker."""
-    report = await aggregate(request.app.state.health_client, request.app.state.upstream_urls)
+    report = await aggregate(
+        request.app.state.health_client,
+        request.app.state.upstream_urls,
+        request.app.state.health_timeout_seconds,
+    )
     edge: GatewayEdge = request.app.state.edge
     report["circuitBreakers"] = {name: u.snapshot() for name, u in edge.upstreams.items()}
     if report["status"] == "UP":
@@ -83,40 +88,56 @@ def create_gateway_app(
 ) -> FastAPI:
     clock = clock or SystemClock()
     gateway = settings.gateway
-    edge_authenticator = EdgeAuthenticator(authenticator, clock=clock)
+    edge_authenticator = EdgeAuthenticator(
+        authenticator, clock=clock, negative_seconds=gateway.negative_cache_seconds
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        internal = [settings.url_of(name) for name in HEALTH_PATHS]
         upstreams = {
             name: Upstream(
                 name,
                 settings.url_of(name),
                 breaker=breaker_config(gateway),
                 clock=clock,
-                timeout_seconds=gateway.upstream_timeout_seconds,
-                connect_timeout_seconds=gateway.connect_timeout_seconds,
+                connect_seconds=gateway.connect_timeout_seconds,
+                headers_seconds=gateway.upstream_timeout_seconds,
+                answer_seconds=gateway.answer_timeout_seconds,
+                pool_wait_seconds=gateway.pool_wait_seconds,
+                client_body_seconds=gateway.client_body_timeout_seconds,
                 max_connections=gateway.max_connections_per_upstream,
+                internal_origins=internal,
             )
             for name in HEALTH_PATHS
         }
-        memory = MemoryRateLimiter(clock)
-        limiter: RateLimiter = memory
-        if settings.redis_url:
-            limiter = RedisRateLimiter(
-                ScriptClient(settings.redis_url, HIT_SCRIPT),
-                prefix=gateway.rate_limit_key_prefix,
-                fallback=memory,
+        memory = MemoryFixedWindowLimiter(clock)
+        limiter: FixedWindowLimiter = memory
+        redis = (
+            redis_from_settings(settings.redis_url, settings.redis) if settings.redis_url else None
+        )
+        if redis is not None:
+            guard = guard_from_settings(
+                redis, "gateway_limits", settings.redis, RedisMetrics.of(app.state.metrics.registry)
+            )
+            limiter = RedisFixedWindowLimiter(
+                guard, prefix=gateway.rate_limit_key_prefix, fallback=memory
             )
         app.state.upstream_urls = {name: u.base_url for name, u in upstreams.items()}
-        app.state.health_client = httpx.AsyncClient(timeout=gateway.health_timeout_seconds)
+        app.state.health_timeout_seconds = gateway.health_timeout_seconds
+        app.state.health_client = client_session(
+            max_connections=len(upstreams) * 2, connect_seconds=gateway.health_timeout_seconds
+        )
         try:
             edge.attach(edge_authenticator, limiter, upstreams)
             yield
         finally:
             for upstream in upstreams.values():
                 await upstream.aclose()
-            await app.state.health_client.aclose()
+            await app.state.health_client.close()
             await limiter.aclose()
+            if redis is not None:
+                await redis.aclose()
             await edge_authenticator.aclose()
 
     app = build_service_app(
@@ -135,6 +156,9 @@ def create_gateway_app(
         RouteTable(gateway),
         GatewayMetrics(app.state.metrics.registry),
         trusted_proxies=gateway.trusted_proxies,
+        max_headers=gateway.max_headers,
+        max_header_bytes=gateway.max_header_bytes,
+        address_limiter=MemoryFixedWindowLimiter(clock),
     )
     app.state.edge = edge
     own_paths = frozenset(

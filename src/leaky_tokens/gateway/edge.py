@@ -1,11 +1,20 @@
-"""The gateway's edge: every routed request is identified, limited, authorised and forwarded.
+"""The gateway's edge: every routed request is checked, limited, identified, limited again,
+authorised and forwarded.
 
-Order per request: route → identify the caller from X-Api-Key or Authorization: Bearer (the
-auth service's keys; API keys validated by it and cached until revoked) → one rate-limit
-decision for the principal (API key, else user, else client IP) → refuse (401/403/404/429) or
-forward. Public routes are forwarded whatever the credentials say (the upstream decides), but a
-valid credential still makes its owner the principal that is limited. Every answer the edge
-gives carries the rate-limit fields.
+Order per request, cheapest first so that floods never reach the auth service:
+1. the message itself: header count and size (431), framing the upstream could read otherwise
+   (an unknown transfer coding 501, Transfer-Encoding with Content-Length or several lengths
+   400) — refused before anything else;
+2. the client address's own limit (in this process's memory, no network), before any
+   credential is looked at;
+3. identify the caller from X-Api-Key or Authorization: Bearer (API keys validated by the auth
+   service and cached until revoked; unknown keys remembered briefly, edge/identity.py);
+4. one rate-limit decision for the principal (API key, else user, else client IP) and, for a
+   known user, the user's own limit across all their keys;
+5. refuse (401/403/404/429) or forward.
+Public routes are forwarded whatever the credentials say (the upstream decides), but a valid
+credential still makes its owner the principal that is limited. Every answer the edge gives
+carries the rate-limit fields. Only the credential the edge checked goes upstream.
 """
 
 from __future__ import annotations
@@ -20,15 +29,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
 from leaky_tokens.gateway.proxy import (
+    ClientTooSlow,
     ClientWentAway,
     Upstream,
     UpstreamBrokeOff,
     UpstreamOpen,
+    UpstreamSaturated,
     UpstreamTimeout,
     UpstreamUnreachable,
     request_is_dropped,
 )
-from leaky_tokens.gateway.rate_limit import Decision, Policy, RateLimiter, limit_headers
 from leaky_tokens.gateway.routing import RouteTable
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerState
@@ -40,6 +50,14 @@ from leaky_tokens.shared.errors import (
 )
 from leaky_tokens.shared.http import error_response
 from leaky_tokens.shared.principal import Principal
+from leaky_tokens.shared.rate_limit import (
+    Decision,
+    FixedWindowLimiter,
+    Limit,
+    MemoryFixedWindowLimiter,
+    Policy,
+    limit_headers,
+)
 from leaky_tokens.shared.request_context import current_request_id
 
 log = logging.getLogger("leaky_tokens.gateway")
@@ -97,20 +115,26 @@ class GatewayEdge:
         metrics: GatewayMetrics,
         *,
         trusted_proxies: list[str],
+        max_headers: int = 100,
+        max_header_bytes: int = 32 * 1024,
+        address_limiter: MemoryFixedWindowLimiter | None = None,
     ) -> None:
         self.routes = routes
         self.metrics = metrics
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
         self._labels: dict[str, RouteLabel] = {}
         self._unmatched = RouteLabel("unmatched")
+        self._max_headers = max_headers
+        self._max_header_bytes = max_header_bytes
+        self._address_limiter = address_limiter or MemoryFixedWindowLimiter()
         self.authenticator: Authenticator | None = None
-        self.limiter: RateLimiter | None = None
+        self.limiter: FixedWindowLimiter | None = None
         self.upstreams: dict[str, Upstream] = {}
 
     def attach(
         self,
         authenticator: Authenticator,
-        limiter: RateLimiter,
+        limiter: FixedWindowLimiter,
         upstreams: Mapping[str, Upstream],
     ) -> None:
         self.authenticator = authenticator
@@ -132,8 +156,12 @@ class GatewayEdge:
         forwarded_proto: bytes | None = None
         host: bytes | None = None
         connection: bytes | None = None
-        content_length: bytes | None = None
-        for name, value in scope["headers"]:
+        lengths: list[bytes] = []
+        codings: list[bytes] = []
+        header_bytes = 0
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        for name, value in raw_headers:
+            header_bytes += len(name) + len(value)
             if name == b"x-api-key":
                 if api_key is None:
                     api_key = value
@@ -149,10 +177,24 @@ class GatewayEdge:
             elif name == b"connection":
                 connection = value
             elif name == b"content-length":
-                content_length = value
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                codings.append(value)
+
+        problem = self._message_problem(len(raw_headers), header_bytes, lengths, codings)
+        if problem is not None:
+            await problem(scope, receive, send)
+            return
         peer = scope["client"][0] if scope.get("client") else "unknown"
         trusted_peer = bool(self._trusted) and self._is_trusted(peer)
         client_ip = self._client_ip(peer, forwarded_for) if trusted_peer else peer
+
+        # The address's own limit comes before any credential is looked at: a flood of junk
+        # credentials from one address costs the auth service nothing past this limit.
+        address = self._address_limiter.hit_now([(client_ip, self.routes.address_policy)])
+        if not address.allowed:
+            await self._too_many(address, limit_headers(address))(scope, receive, send)
+            return
 
         principal: Principal | None = None
         refusal: AppError | None = None
@@ -161,11 +203,15 @@ class GatewayEdge:
         except AppError as exc:
             refusal = exc
         policy = route.policy if route else self.routes.policy_for(method, path)
-        decision = await self.limiter.hit(_subject(principal, client_ip), policy)
-        limits = limit_headers(decision, policy)
+        try:
+            decision = await self.limiter.hit(self._limits(principal, client_ip, policy))
+        except AppError as exc:  # the shared limiter is down and fails closed
+            await _render(exc, {})(scope, receive, send)
+            return
+        limits = limit_headers(decision)
 
         if not decision.allowed:
-            await self._too_many(decision, policy, limits)(scope, receive, send)
+            await self._too_many(decision, limits)(scope, receive, send)
             return
         if route is None:
             await error_response(404, "NOT_FOUND", "no such route", headers=limits)(
@@ -188,8 +234,9 @@ class GatewayEdge:
 
         upstream = self.upstreams[route.upstream]
         headers = _upstream_headers(
-            scope["headers"],
+            raw_headers,
             connection,
+            checked=b"x-api-key" if api_key is not None else b"authorization",
             client_ip=client_ip,
             proto=(
                 forwarded_proto.decode("latin-1")
@@ -199,13 +246,19 @@ class GatewayEdge:
             host=host,
         )
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in limits.items()]
-        length = int(content_length) if content_length and content_length.isdigit() else None
+        length = int(lengths[0]) if lengths and not codings else None
         try:
             await upstream.forward(scope, receive, send, headers, extra, length)
         except UpstreamOpen as exc:
             self.metrics.upstream_failures.labels(upstream.name, "open").inc()
             retry = {"Retry-After": str(max(1, int(exc.retry_after_seconds + 0.999)))}
             await _unavailable(upstream, 503, "Circuit breaker open", {**limits, **retry})(
+                scope, receive, send
+            )
+        except UpstreamSaturated:
+            self.metrics.upstream_failures.labels(upstream.name, "busy").inc()
+            message = f"{upstream.service_name} is busy; retry shortly"
+            await _unavailable(upstream, 503, message, {**limits, "Retry-After": "1"})(
                 scope, receive, send
             )
         except UpstreamUnreachable:
@@ -222,6 +275,13 @@ class GatewayEdge:
                 headers=limits,
                 extra={"service": upstream.service_name},
             )(scope, receive, send)
+        except ClientTooSlow:
+            await error_response(
+                408,
+                "REQUEST_TIMEOUT",
+                "the request body did not arrive in time",
+                headers={**limits, "Connection": "close"},
+            )(scope, receive, send)
         except ClientWentAway:
             pass  # nobody to answer
         except UpstreamBrokeOff:
@@ -231,6 +291,50 @@ class GatewayEdge:
             await error_response(502, "BAD_GATEWAY", message, headers=limits, extra=service)(
                 scope, receive, send
             )
+
+    def _message_problem(
+        self, count: int, size: int, lengths: list[bytes], codings: list[bytes]
+    ) -> Any:
+        """An answer refusing a message whose headers are too many or too large, or whose body
+        framing the upstream could read differently; None for a sound message."""
+        close = {"Connection": "close"}
+        if count > self._max_headers or size > self._max_header_bytes:
+            return error_response(
+                431,
+                "HEADERS_TOO_LARGE",
+                f"request headers too large (at most {self._max_headers} headers, "
+                f"{self._max_header_bytes} bytes)",
+                headers=close,
+            )
+        if codings:
+            coding = b",".join(codings).strip().lower()
+            if coding != b"chunked":
+                return error_response(
+                    501,
+                    "TRANSFER_CODING_UNSUPPORTED",
+                    "only Transfer-Encoding: chunked is understood",
+                    headers=close,
+                )
+            if lengths:
+                return error_response(
+                    400,
+                    "INVALID_FRAMING",
+                    "Transfer-Encoding and Content-Length must not both be sent",
+                    headers=close,
+                )
+        if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
+            return error_response(
+                400, "INVALID_FRAMING", "exactly one numeric Content-Length", headers=close
+            )
+        return None
+
+    def _limits(self, principal: Principal | None, client_ip: str, policy: Policy) -> list[Limit]:
+        if principal is None:
+            return [(f"ip:{client_ip}", policy)]
+        user = f"user:{principal.user_id}"
+        subject = f"key:{principal.api_key_id}" if principal.api_key_id is not None else user
+        # A user's own limit spans all their API keys (and tokens): more keys, no more calls.
+        return [(subject, policy), (user, self.routes.user_policy)]
 
     async def _identify(
         self, api_key: bytes | None, authorization: bytes | None
@@ -250,8 +354,8 @@ class GatewayEdge:
             raise InvalidToken("Authorization header must be 'Bearer <token>'")
         return await self.authenticator.from_bearer(token.strip())
 
-    def _too_many(self, decision: Decision, policy: Policy, limits: dict[str, str]) -> Any:
-        self.metrics.rate_limited.labels(policy.name).inc()
+    def _too_many(self, decision: Decision, limits: dict[str, str]) -> Any:
+        self.metrics.rate_limited.labels(decision.policy.name).inc()
         return error_response(
             429,
             "RATE_LIMITED",
@@ -300,35 +404,31 @@ def _address_of(hop: str) -> str | None:
         return None
 
 
-def _subject(principal: Principal | None, client_ip: str) -> str:
-    if principal is None:
-        return f"ip:{client_ip}"
-    if principal.api_key_id is not None:
-        return f"key:{principal.api_key_id}"
-    return f"user:{principal.user_id}"
-
-
 def _upstream_headers(
     raw: list[tuple[bytes, bytes]],
     connection: bytes | None,
     *,
+    checked: bytes,
     client_ip: str,
     proto: str,
     host: bytes | None,
 ) -> list[tuple[bytes, bytes]]:
+    """What goes upstream. Of the credential headers only the one the edge checked, and only
+    its first occurrence: never a second one behind it, never the other kind (which the edge
+    did not look at), and `Connection` cannot name it away."""
     named_hop_by_hop: set[bytes] = set()
     if connection:
         named_hop_by_hop = {t.strip().lower() for t in connection.split(b",")}
-    seen_credentials: set[bytes] = set()
+        named_hop_by_hop.difference_update(_CREDENTIAL_HEADERS)
+    sent_credential = False
     headers: list[tuple[bytes, bytes]] = []
     for name, value in raw:
-        if request_is_dropped(name) or name in named_hop_by_hop:
-            continue
         if name in _CREDENTIAL_HEADERS:
-            # Only the credential the edge verified goes on, never a second one behind it.
-            if name in seen_credentials:
+            if name != checked or sent_credential:
                 continue
-            seen_credentials.add(name)
+            sent_credential = True
+        elif request_is_dropped(name) or name in named_hop_by_hop:
+            continue
         headers.append((name, value))
     headers.append((b"x-forwarded-for", client_ip.encode("latin-1")))
     headers.append((b"x-forwarded-proto", proto.encode("latin-1")))

@@ -6,7 +6,9 @@ import asyncio
 import time
 from typing import Any
 
-import httpx
+import aiohttp
+
+from leaky_tokens.shared.outbound import OutboundError, fetch
 
 HEALTH_PATHS: dict[str, str] = {
     "auth": "/api/v1/auth/health",
@@ -18,14 +20,16 @@ HEALTH_PATHS: dict[str, str] = {
 }
 
 
-async def probe(client: httpx.AsyncClient, base_url: str, path: str) -> dict[str, Any]:
+async def probe(
+    session: aiohttp.ClientSession, base_url: str, path: str, timeout_seconds: float
+) -> dict[str, Any]:
     started = time.perf_counter()
     try:
-        response = await client.get(base_url + path)
-        status = "UP" if response.status_code == 200 else "DOWN"
-        detail = None if status == "UP" else f"HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
-        status, detail = "DOWN", type(exc).__name__
+        response = await fetch(session, "GET", base_url + path, timeout_seconds=timeout_seconds)
+        status = "UP" if response.status == 200 else "DOWN"
+        detail = None if status == "UP" else f"HTTP {response.status}"
+    except OutboundError as exc:
+        status, detail = "DOWN", exc.reason
     result: dict[str, Any] = {
         "status": status,
         "latencyMs": round((time.perf_counter() - started) * 1000, 2),
@@ -35,9 +39,13 @@ async def probe(client: httpx.AsyncClient, base_url: str, path: str) -> dict[str
     return result
 
 
-async def aggregate(client: httpx.AsyncClient, upstreams: dict[str, str]) -> dict[str, Any]:
+async def aggregate(
+    session: aiohttp.ClientSession, upstreams: dict[str, str], timeout_seconds: float
+) -> dict[str, Any]:
     names = list(upstreams)
-    results = await asyncio.gather(*(probe(client, upstreams[n], HEALTH_PATHS[n]) for n in names))
+    results = await asyncio.gather(
+        *(probe(session, upstreams[n], HEALTH_PATHS[n], timeout_seconds) for n in names)
+    )
     services = dict(zip(names, results, strict=True))
     overall = "UP" if all(r["status"] == "UP" for r in results) else "DOWN"
     return {"service": "gateway", "status": overall, "services": services}

@@ -1,24 +1,35 @@
 """Forwarding one request to its upstream and streaming the answer back, behind the upstream's
-circuit breaker: one connection pool per upstream (http1.py), hop-by-hop and identity headers
+circuit breaker: one aiohttp pool per upstream (upstream.py), hop-by-hop and identity headers
 stripped, X-Forwarded-For / X-Request-Id set by us.
 
+Request bodies: one of unknown length (chunked) or of at most `_BUFFER_BYTES` is read whole
+before anything goes upstream, so a body over the size limit or a client that stops sending is
+refused (413, 408) without the upstream ever seeing a truncated request, and a slow client
+never holds an upstream connection; a longer body of announced length streams as it arrives.
+
 What counts against an upstream's breaker: refused or reset connections, timeouts and 503
-answers. Every answer the upstream gives (a 402, a 429, a 502 from the token service, even the
-503) passes through unchanged; only failures to get an answer become gateway errors.
+answers marked as the upstream's own outage (`X-Service-Outage`, shared/errors.py). Every answer
+the upstream gives (a 402, a 429, a 502 from the token service, a business 503 such as
+PURCHASES_DISABLED) passes through unchanged; only failures to get an answer become gateway
+errors. A redirect to the upstream's own address is rewritten to a path, so internal URLs never
+reach clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Iterable, Sequence
 
+from multidict import CIMultiDict
 from starlette.types import Receive, Scope, Send
 
-from leaky_tokens.gateway.http1 import Answer, AnswerFailed, ConnectFailed, Http1Pool, ReadTimeout
+from leaky_tokens.gateway.upstream import (
+    OutboundError,
+    UpstreamAnswer,
+    UpstreamBusy,
+    UpstreamClient,
+)
 from leaky_tokens.shared.circuit_breaker import (
     BreakerConfig,
     BreakerState,
@@ -26,6 +37,7 @@ from leaky_tokens.shared.circuit_breaker import (
     CircuitOpenError,
 )
 from leaky_tokens.shared.clock import Clock
+from leaky_tokens.shared.errors import OUTAGE_HEADER
 from leaky_tokens.shared.http import SECURITY_HEADERS
 
 log = logging.getLogger("leaky_tokens.gateway")
@@ -80,16 +92,17 @@ _DROP_REQUEST = HOP_BY_HOP | {
     b"remote-user",
 }
 _DROP_REQUEST_PREFIXES = (b"x-authenticated-", b"x-auth-", b"x-user-", b"x-principal-")
-# Response headers the gateway's own envelope sets (once) on every answer.
+_OUTAGE = OUTAGE_HEADER.lower().encode()
+# Response headers the gateway's own envelope sets (once) on every answer, and internal ones.
 _DROP_RESPONSE = HOP_BY_HOP | {
     b"x-request-id",
     b"date",
     b"server",
+    _OUTAGE,
     *(name for name, _ in SECURITY_HEADERS),
 }
-_BUFFERED_RESPONSE_LIMIT = 256 * 1024  # read smaller bodies whole: one send instead of many
-# Sent without a body (and without "Content-Length: 0") when the client sent none.
-_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+_NO_BODY_STATUSES = frozenset({204, 304})
+_BUFFER_BYTES = 64 * 1024  # request bodies up to this are read whole before going upstream
 
 
 def request_is_dropped(name: bytes) -> bool:
@@ -115,30 +128,44 @@ class UpstreamOpen(Exception):
         self.retry_after_seconds = retry_after_seconds
 
 
+class UpstreamSaturated(Exception):
+    """Every connection to the upstream stayed busy for the pool wait: not tried."""
+
+
 class ClientWentAway(Exception):
-    """The client disconnected while its request body was on its way upstream."""
+    """The client disconnected while its request body was on its way."""
 
 
-class _Unavailable503(Exception):
-    """A 503 answer: passed on unchanged, but counted as a failure by the breaker."""
+class ClientTooSlow(Exception):
+    """The client's request body did not arrive within the body deadline (408)."""
 
-    def __init__(self, answer: Answer) -> None:
+
+class _Outage503(Exception):
+    """A 503 the upstream marked as its own outage: passed on unchanged, counted as a failure."""
+
+    def __init__(self, answer: UpstreamAnswer) -> None:
         self.answer = answer
 
 
-@dataclass
-class _ClientBody:
-    """The request body as the client sends it; remembers why reading it failed, if it did."""
+class _StreamedBody:
+    """A body of announced length, read from the client as the upstream takes it."""
 
-    receive: Receive
-    first: bytes
-    error: BaseException | None = None
+    def __init__(self, receive: Receive, first: bytes, deadline: float) -> None:
+        self.receive = receive
+        self.first = first
+        self.deadline = deadline
+        self.error: BaseException | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        yield self.first
+        if self.first:
+            yield self.first
         while True:
             try:
-                message = await self.receive()
+                async with asyncio.timeout_at(self.deadline):
+                    message = await self.receive()
+            except TimeoutError:
+                self.error = ClientTooSlow()
+                raise self.error from None
             except Exception as exc:  # e.g. the body grew past the size limit
                 self.error = exc
                 raise
@@ -148,6 +175,22 @@ class _ClientBody:
             yield message.get("body", b"")
             if not message.get("more_body", False):
                 return
+
+
+async def _read_whole(receive: Receive, first: bytes, deadline: float) -> bytes:
+    parts = [first]
+    try:
+        async with asyncio.timeout_at(deadline):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientWentAway()
+                parts.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise ClientTooSlow() from None
+    return b"".join(parts)
 
 
 class Upstream:
@@ -160,158 +203,205 @@ class Upstream:
         *,
         breaker: BreakerConfig,
         clock: Clock,
-        timeout_seconds: float,
-        connect_timeout_seconds: float,
+        connect_seconds: float,
+        headers_seconds: float,
+        answer_seconds: float,
+        pool_wait_seconds: float,
+        client_body_seconds: float,
         max_connections: int,
+        internal_origins: Iterable[str] = (),
     ) -> None:
         self.name = name
         self.service_name = SERVICE_NAMES.get(name, name)
-        self.base_url = base_url.rstrip("/")
-        parts = urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"upstream {name}: {base_url!r} is not an http(s) URL")
-        self._pool = Http1Pool(
-            parts.hostname,
-            parts.port or (443 if parts.scheme == "https" else 80),
+        self.client = UpstreamClient(
+            base_url,
             max_connections=max_connections,
-            connect_timeout=connect_timeout_seconds,
-            read_timeout=timeout_seconds,
-            tls=ssl.create_default_context() if parts.scheme == "https" else None,
+            connect_seconds=connect_seconds,
+            headers_seconds=headers_seconds,
+            answer_seconds=answer_seconds,
+            pool_wait_seconds=pool_wait_seconds,
         )
-        self._prefix = parts.path.encode()
+        self.base_url = self.client.base_url
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"upstream {name}: {base_url!r} is not an http(s) URL")
+        self._prefix = self.base_url.split("/", 3)[3] if self.base_url.count("/") >= 3 else ""
+        self._client_body_seconds = client_body_seconds
+        origins = {_origin(self.base_url), *(_origin(o) for o in internal_origins)}
+        self._internal_origins = tuple(o.encode() for o in origins if o)
         self.breaker = CircuitBreaker(name, breaker, clock, on_state_change=_log_transition)
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        await self.client.aclose()
 
     async def forward(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        headers: list[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]],
         extra_headers: Iterable[tuple[bytes, bytes]],
         content_length: int | None,
     ) -> None:
         """Send the request upstream and stream the answer to the client, adding
         `extra_headers` (rate-limit fields; X-RateLimit-* only where the upstream set none).
-        `content_length` is the client's, for a body that arrives in several pieces."""
+        `content_length`: the client's, None for a chunked body or none."""
         method: str = scope["method"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        target = (f"/{self._prefix}" if self._prefix else "") + raw_path.decode("latin-1")
         query: bytes = scope["query_string"]
-        target = self._prefix + (scope.get("raw_path") or scope["path"].encode())
         if query:
-            target += b"?" + query
+            target += "?" + query.decode("latin-1")
 
+        loop = asyncio.get_running_loop()
+        body_deadline = loop.time() + self._client_body_seconds
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientWentAway()
         first = message.get("body", b"")
         body: bytes | AsyncIterator[bytes] | None
-        client_body: _ClientBody | None = None
-        if message.get("more_body", False):
-            client_body = _ClientBody(receive, first)
-            body = client_body.chunks()
-        elif first or method not in _BODYLESS_METHODS:
-            body = first
+        streamed: _StreamedBody | None = None
+        if not message.get("more_body", False):
+            body = first if (first or content_length is not None) else None
+        elif content_length is None or content_length <= _BUFFER_BYTES:
+            body = await _read_whole(receive, first, body_deadline)
         else:
-            body = None
-        pool = self._pool
+            streamed = _StreamedBody(receive, first, body_deadline)
+            body = streamed.chunks()
 
-        async def answer() -> Answer:
+        outgoing: CIMultiDict[str] = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in headers
+        )
+        if streamed is not None:
+            # Announced, so the library sends the body as it is (not chunked).
+            outgoing["Content-Length"] = str(content_length)
+        client = self.client
+
+        async def answer() -> UpstreamAnswer:
             try:
-                got = await pool.request(
-                    method, target, headers, body, content_length=content_length
-                )
-            except ReadTimeout:
-                raise UpstreamTimeout() from None
-            except ConnectFailed as exc:
-                raise UpstreamUnreachable(str(exc)) from None
-            except AnswerFailed as exc:
-                if client_body is not None and client_body.error is not None:
-                    raise client_body.error from None  # the client's doing, not the upstream's
-                raise UpstreamUnreachable(str(exc)) from None
-            if got.status == 503:
-                raise _Unavailable503(got)
+                got = await client.request(method, target, outgoing, body)
+            except UpstreamBusy:
+                raise UpstreamSaturated() from None
+            except OutboundError as exc:
+                if streamed is not None and streamed.error is not None:
+                    raise streamed.error from None  # the client's doing, not the upstream's
+                if exc.kind == "timeout":
+                    raise UpstreamTimeout() from None
+                raise UpstreamUnreachable(exc.reason) from None
+            if got.status == 503 and _marks_outage(got.headers):
+                raise _Outage503(got)
             return got
 
         try:
             got = await self.breaker.call(answer, _is_upstream_failure)
         except CircuitOpenError as exc:
             raise UpstreamOpen(exc.retry_after_seconds) from None
-        except _Unavailable503 as unavailable:
-            got = unavailable.answer
+        except _Outage503 as outage:
+            got = outage.answer
         try:
-            await _relay(got, method, receive, send, extra_headers)
+            await self._relay(got, receive, send, extra_headers)
         finally:
             got.close()
+
+    async def _relay(
+        self,
+        answer: UpstreamAnswer,
+        receive: Receive,
+        send: Send,
+        extra_headers: Iterable[tuple[bytes, bytes]],
+    ) -> None:
+        status = answer.status
+        headers: list[tuple[bytes, bytes]] = []
+        upstream_limits = False
+        for name, value in answer.headers:
+            lowered = name.lower()
+            if lowered in _DROP_RESPONSE:
+                continue
+            if status in _NO_BODY_STATUSES and lowered == b"content-length":
+                continue  # no body follows; a length would make the server expect one
+            if lowered == b"x-ratelimit-limit":
+                upstream_limits = True
+            elif lowered in (b"location", b"content-location"):
+                value = self._public_location(value)
+            headers.append((lowered, value))
+        for name, value in extra_headers:
+            # The token service's own bucket limits (on /consume) describe that answer; ours are
+            # in the RateLimit fields either way.
+            if upstream_limits and name.startswith(b"x-ratelimit-"):
+                continue
+            headers.append((name, value))
+
+        try:
+            first = await answer.next_chunk()
+        except OutboundError as exc:
+            if exc.kind == "timeout":
+                raise UpstreamTimeout() from None
+            raise UpstreamBrokeOff(exc.reason) from None
+        if first is None or answer.at_end():
+            # All there is already arrived (a short answer): one write, no watcher.
+            rest = await answer.next_chunk() if first is not None else None
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            body = first or b""
+            if rest:
+                body += rest
+                while (more := await answer.next_chunk()) is not None:
+                    body += more
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        gone = False
+
+        async def until_the_client_leaves() -> None:
+            # A long answer (a stream) stops being read from the upstream once nobody wants it.
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            answer.close()
+
+        watcher = asyncio.create_task(until_the_client_leaves())
+        try:
+            while True:
+                try:
+                    chunk = await answer.next_chunk()
+                except OutboundError as exc:
+                    # Too late for an error answer: leaving the body unfinished makes the server
+                    # cut the connection, so the client sees a broken body, not a short one.
+                    if not gone:
+                        log.warning("upstream answer broke off mid-body: %s", exc.reason)
+                    return
+                if chunk is None:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+
+    def _public_location(self, value: bytes) -> bytes:
+        """A redirect to an internal address becomes the same path on the gateway."""
+        for origin in self._internal_origins:
+            if value.startswith(origin) and value[len(origin) : len(origin) + 1] in (b"", b"/"):
+                return value[len(origin) :] or b"/"
+        return value
 
     def snapshot(self) -> dict[str, object]:
         return {"upstream": self.service_name, **self.breaker.snapshot()}
 
 
+def _origin(url: str) -> str:
+    """scheme://host[:port] of a URL ("" when it has none)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return ""
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _marks_outage(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == _OUTAGE for name, _ in headers)
+
+
 def _is_upstream_failure(exc: BaseException) -> bool:
-    return isinstance(exc, UpstreamUnreachable | UpstreamTimeout | _Unavailable503)
-
-
-async def _relay(
-    answer: Answer,
-    method: str,
-    receive: Receive,
-    send: Send,
-    extra_headers: Iterable[tuple[bytes, bytes]],
-) -> None:
-    headers: list[tuple[bytes, bytes]] = []
-    upstream_limits = False
-    for name, value in answer.headers:
-        lowered = name.lower()
-        if lowered in _DROP_RESPONSE:
-            continue
-        if lowered == b"x-ratelimit-limit":
-            upstream_limits = True
-        headers.append((lowered, value))
-    for name, value in extra_headers:
-        # The token service's own bucket limits (on /consume) describe that answer; ours are
-        # in the RateLimit fields either way.
-        if upstream_limits and name.startswith(b"x-ratelimit-"):
-            continue
-        headers.append((name, value))
-    length = answer.content_length
-    if method == "HEAD" or (length is not None and length <= _BUFFERED_RESPONSE_LIMIT):
-        try:
-            payload = await answer.read()
-        except ReadTimeout:
-            raise UpstreamTimeout() from None
-        except AnswerFailed as exc:
-            raise UpstreamBrokeOff(str(exc)) from None
-        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-        return
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    gone = False
-
-    async def until_the_client_leaves() -> None:
-        # A long answer (a stream) stops being read from the upstream once nobody wants it.
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        answer.close()
-
-    watcher = asyncio.create_task(until_the_client_leaves())
-    try:
-        while True:
-            try:
-                chunk = await answer.next_chunk()
-            except (AnswerFailed, ReadTimeout) as exc:
-                # Too late for an error answer: leaving the body unfinished makes the server cut
-                # the connection, so the client sees a broken body, not a short complete one.
-                if not gone:
-                    log.warning("upstream answer broke off mid-body: %s", type(exc).__name__)
-                return
-            if chunk is None:
-                break
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-    finally:
-        watcher.cancel()
+    return isinstance(exc, UpstreamUnreachable | UpstreamTimeout | _Outage503)
 
 
 def _log_transition(name: str, old: BreakerState, new: BreakerState) -> None:

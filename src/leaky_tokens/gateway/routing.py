@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from leaky_tokens.gateway.rate_limit import Policy
 from leaky_tokens.settings import PROVIDERS, GatewaySettings
+from leaky_tokens.shared.rate_limit import Policy
 
 # Path prefix -> upstream service. A prefix ending in "/" covers everything below it.
 UPSTREAM_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -27,6 +27,8 @@ INTERNAL_PATHS: frozenset[str] = frozenset(
 ADMIN_PREFIXES: tuple[str, ...] = tuple(f"/api/v1/{p}/faults" for p in PROVIDERS)
 
 DEFAULT_POLICY_NAME = "default"
+ADDRESS_POLICY_NAME = "address"
+USER_POLICY_NAME = "user"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,14 @@ class RouteTable:
     def __init__(self, settings: GatewaySettings) -> None:
         self.default_policy = Policy(
             DEFAULT_POLICY_NAME, settings.rate_limit_requests, settings.rate_limit_window_seconds
+        )
+        self.address_policy = Policy(
+            ADDRESS_POLICY_NAME,
+            settings.address_limit_requests,
+            settings.address_limit_window_seconds,
+        )
+        self.user_policy = Policy(
+            USER_POLICY_NAME, settings.user_limit_requests, settings.user_limit_window_seconds
         )
         public: list[_Pattern] = []
         for entry in settings.public_routes:

@@ -20,7 +20,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
-import httpx
+import aiohttp
 import jwt
 import orjson
 from fastapi import Depends, Request
@@ -41,7 +41,9 @@ from leaky_tokens.shared.jwt_verify import (
     public_key_from_jwk,
     unverified_kid,
 )
+from leaky_tokens.shared.outbound import OutboundError, OutboundResponse, client_session, fetch
 from leaky_tokens.shared.principal import Principal
+from leaky_tokens.shared.redis import redis_client
 
 log = logging.getLogger("leaky_tokens.authn")
 
@@ -117,7 +119,6 @@ class RemoteAuthenticator:
         api_key_cache_seconds: float = 2.0,
         jwks_min_refresh_seconds: float = 5.0,
         timeout_seconds: float = 3.0,
-        transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock | None = None,
         revocation_poll_seconds: float | None = None,
         redis_url: str = "",
@@ -125,9 +126,8 @@ class RemoteAuthenticator:
         """`revocation_poll_seconds` set: follow the revocation feed (and, with `redis_url`,
         the pub/sub channel); None: cached key answers simply expire after their time."""
         self._clock = clock or SystemClock()
-        self._client = httpx.AsyncClient(
-            base_url=auth_url, timeout=timeout_seconds, transport=transport
-        )
+        self._auth_url = auth_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None  # opened on first use, in the loop
         self._timeout = timeout_seconds
         self._issuer = issuer
         self._keys: dict[str, Any] = {}
@@ -156,7 +156,28 @@ class RemoteAuthenticator:
             except Exception:  # noqa: S110 - its failures were logged where they happened
                 pass
             self._follower = None
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _get(
+        self,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout_seconds: float | None = None,
+    ) -> OutboundResponse:
+        if self._session is None:
+            self._session = client_session(max_connections=32, connect_seconds=self._timeout)
+        return await fetch(
+            self._session,
+            "GET",
+            self._auth_url + path,
+            timeout_seconds=timeout_seconds or self._timeout,
+            headers=headers,
+            params=params,
+        )
 
     async def from_bearer(self, token: str) -> Principal:
         kid = unverified_kid(token)
@@ -175,12 +196,13 @@ class RemoteAuthenticator:
             if self._clock.monotonic() - self._jwks_fetched_at < self._min_refresh:
                 return
             try:
-                response = await self._client.get("/oauth2/jwks")
-                response.raise_for_status()
-                keys = response.json()["keys"]
+                response = await self._get("/oauth2/jwks")
+                if response.status != 200:
+                    raise ValueError(f"JWKS answered {response.status}")
+                keys = orjson.loads(response.body)["keys"]
                 # An answer we cannot read is an unavailable auth service, not a 500.
                 found = {k["kid"]: public_key_from_jwk(k) for k in keys if "kid" in k}
-            except (httpx.HTTPError, KeyError, ValueError, TypeError, jwt.PyJWTError) as exc:
+            except (OutboundError, KeyError, ValueError, TypeError, jwt.PyJWTError) as exc:
                 raise ServiceUnavailable("auth service unreachable for key lookup") from exc
             self._keys = found
             self._jwks_fetched_at = self._clock.monotonic()
@@ -238,18 +260,18 @@ class RemoteAuthenticator:
         if self._poll is not None and self._follower is None:
             await self._start_following()
         try:
-            response = await self._client.get(
+            response = await self._get(
                 "/api/v1/auth/api-keys/validate", headers={"X-Api-Key": raw_key}
             )
-        except httpx.HTTPError as exc:
+        except OutboundError as exc:
             raise ServiceUnavailable("auth service unreachable for API key validation") from exc
-        if response.status_code == 401:
-            code = _safe_code(response)
+        if response.status == 401:
+            code = _safe_code(response.body)
             raise _KEY_ERRORS.get(code, InvalidApiKey)()
-        if response.status_code != 200:
+        if response.status != 200:
             raise ServiceUnavailable("auth service could not validate the API key")
         try:
-            body = response.json()
+            body = orjson.loads(response.body)
             principal = principal_from_validation(body)
             expires_at = body.get("expiresAt")
             life = (
@@ -289,17 +311,18 @@ class RemoteAuthenticator:
         if wait > 0:
             params["wait"] = wait
         try:
-            response = await self._client.get(
-                REVOCATION_FEED, params=params, timeout=self._timeout + wait
+            response = await self._get(
+                REVOCATION_FEED, params=params, timeout_seconds=self._timeout + wait
             )
-            response.raise_for_status()
-            body = response.json()
+            if response.status != 200:
+                raise ValueError(f"the feed answered {response.status}")
+            body = orjson.loads(response.body)
             return (
                 int(body["cursor"]),
                 [uuid.UUID(k) for k in body["revokedKeyIds"]],
                 bool(body.get("hasMore")),
             )
-        except (httpx.HTTPError, KeyError, ValueError, TypeError) as exc:
+        except (OutboundError, KeyError, ValueError, TypeError) as exc:
             raise ServiceUnavailable("auth service unreachable for the revocation feed") from exc
 
     async def _catch_up(self, wait: float = 0.0) -> None:
@@ -349,7 +372,13 @@ class RemoteAuthenticator:
 
     async def _follow_pushed(self, poll: float) -> None:
         """Subscribe, catch up with the feed, then apply each announced revocation at once."""
-        redis = Redis.from_url(self._redis_url, socket_connect_timeout=2.0)
+        # Waits for announcements are bounded by get_message's own timeout (`poll`).
+        redis = redis_client(
+            self._redis_url,
+            connect_timeout_seconds=2.0,
+            command_timeout_seconds=max(2.0, 2 * poll),
+            max_connections=2,
+        )
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(REVOCATION_CHANNEL)
@@ -385,8 +414,8 @@ def principal_from_validation(body: dict[str, Any]) -> Principal:
     )
 
 
-def _safe_code(response: httpx.Response) -> str:
+def _safe_code(body: bytes) -> str:
     try:
-        return str(response.json().get("code", ""))
-    except ValueError:
+        return str(orjson.loads(body).get("code", ""))
+    except (ValueError, AttributeError):
         return ""

@@ -1,12 +1,18 @@
 """The error hierarchy every service raises, and the one place errors become HTTP bodies.
 
 Body (DESIGN.md): {"message", "timestamp", "code", "requestId"} plus optional "details".
+
+A service that cannot serve anyone right now (its database, Redis or the auth service is down)
+says so with `X-Service-Outage: true` on its 503 (`AppError.outage`); a 503 about one caller's
+request (purchases switched off) does not. The gateway's breakers count only the former.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
+
+OUTAGE_HEADER = "X-Service-Outage"
 
 
 class AppError(Exception):
@@ -15,6 +21,8 @@ class AppError(Exception):
     status: ClassVar[int] = 400
     code: ClassVar[str] = "INVALID_REQUEST"
     default_message: ClassVar[str] = "invalid request"
+    # True: the service itself is unavailable (answers carry OUTAGE_HEADER).
+    outage: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -28,6 +36,8 @@ class AppError(Exception):
         self.details = list(details) if details else None
         self.headers = dict(headers) if headers else {}
         self.extra = dict(extra) if extra else {}
+        if self.outage:
+            self.headers[OUTAGE_HEADER] = "true"
         super().__init__(self.message)
 
 
@@ -105,9 +115,12 @@ class TooManyRequests(AppError):
 
 
 class ServiceUnavailable(AppError):
+    """The service cannot serve anyone now (a dependency is down): an outage."""
+
     status = 503
     code = "SERVICE_UNAVAILABLE"
     default_message = "service unavailable"
+    outage = True
 
 
 class InternalError(AppError):

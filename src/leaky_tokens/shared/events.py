@@ -33,7 +33,7 @@ from typing import Annotated, Any, Protocol
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from leaky_tokens.shared.errors import InvalidRequest, ServiceUnavailable, Unauthenticated
@@ -172,7 +172,11 @@ class HttpPushPublisher:
         cls, url: str, token: str, *, timeout_seconds: float = 10.0
     ) -> HttpPushPublisher:
         """Create inside the running loop (aiohttp sessions belong to one)."""
-        outbound = AiohttpOutbound(max_connections=4, headers={INTERNAL_TOKEN_HEADER: token})
+        outbound = AiohttpOutbound(
+            max_connections=4,
+            headers={INTERNAL_TOKEN_HEADER: token},
+            connect_seconds=min(2.0, timeout_seconds),
+        )
         return cls(url, outbound, timeout_seconds=timeout_seconds)
 
     async def publish(self, batch: Sequence[Event]) -> None:
@@ -270,20 +274,6 @@ def event_ingest_router(path: str, *, state_name: str = "event_receiver") -> API
 
 def stream_key(prefix: str, stream: str) -> str:
     return f"{prefix}{stream}"
-
-
-def stream_redis_client(url: str, *, max_connections: int, socket_timeout: float) -> Redis:
-    """A client whose commands give up after `socket_timeout` (redis-py then drops the
-    connection cleanly; cancelling a command instead can wedge it, see RedisStreamConsumer.stop).
-    Blocking reads must block for less than this."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=5.0,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=min(5.0, socket_timeout),
-    )
-    return Redis(connection_pool=pool)
 
 
 class RedisStreamPublisher:

@@ -16,7 +16,7 @@ from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
-from leaky_tokens.shared.redis import redis_client
+from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
@@ -64,10 +64,16 @@ def create_tokens_app(
         if settings.auto_migrate:
             await upgrade_database(url, "tokens")
         database = Database(url)
-        redis = redis_client(settings.redis_url) if settings.redis_url else None
-        buckets: LeakyBucketStore = (
-            RedisLeakyBucket(redis, prefix="lt:bucket:") if redis else MemoryLeakyBucket(clock)
+        redis = (
+            redis_from_settings(settings.redis_url, settings.redis) if settings.redis_url else None
         )
+        memory_buckets = MemoryLeakyBucket(clock)
+        buckets: LeakyBucketStore = memory_buckets
+        if redis is not None:
+            guard = guard_from_settings(
+                redis, "buckets", settings.redis, RedisMetrics.of(app.state.metrics.registry)
+            )
+            buckets = RedisLeakyBucket(guard, prefix="lt:bucket:", fallback=memory_buckets)
         providers = ProviderClient(
             {p: settings.url_of(p) for p in PROVIDERS},
             provider_settings(settings.tokens),

@@ -1,4 +1,9 @@
-"""The Redis leaky-bucket store: one Lua script per decision, shared by every replica."""
+"""The Redis leaky-bucket store: one Lua script per decision, shared by every replica.
+
+Calls go through a RedisGuard (bounded by the configured timeouts, failing fast after a
+failure). While Redis fails, decisions come from this process's memory (`on_failure`
+"fallback": each replica then leaks on its own) or raise RedisUnavailable (503, "closed").
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,14 @@ from typing import Any
 import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 
-from leaky_tokens.tokens.leaky_bucket import SLACK, BucketConfig, BucketDecision, decide
+from leaky_tokens.shared.redis import RedisGuard, RedisUnavailable
+from leaky_tokens.tokens.leaky_bucket import (
+    SLACK,
+    BucketConfig,
+    BucketDecision,
+    MemoryLeakyBucket,
+    decide,
+)
 
 # Kept after a bucket should have drained, so rounding never expires a non-empty bucket.
 EXPIRY_MARGIN_MS = 1_000
@@ -80,19 +92,37 @@ class RedisLeakyBucket:
     belongs to the caller, who closes it.
     """
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "lt:bucket:") -> None:
+    def __init__(
+        self,
+        client: redis.Redis | RedisGuard,
+        *,
+        prefix: str = "lt:bucket:",
+        fallback: MemoryLeakyBucket | None = None,
+    ) -> None:
         self._prefix = prefix
-        self._acquire: AsyncScript = client.register_script(_ACQUIRE)
-        self._release: AsyncScript = client.register_script(_RELEASE)
-        self._peek: AsyncScript = client.register_script(_PEEK)
+        self._guard = client if isinstance(client, RedisGuard) else RedisGuard(client, "buckets")
+        self._fallback = fallback or MemoryLeakyBucket()
+        redis_client = self._guard.client
+        self._acquire: AsyncScript = redis_client.register_script(_ACQUIRE)
+        self._release: AsyncScript = redis_client.register_script(_RELEASE)
+        self._peek: AsyncScript = redis_client.register_script(_PEEK)
+
+    def _fails_closed(self) -> bool:
+        self._guard.count_fallback()
+        return self._guard.on_failure == "closed"
 
     async def acquire(self, key: str, amount: int, config: BucketConfig) -> BucketDecision:
         if amount < 0:
             raise ValueError(f"amount must be >= 0, got {amount}")
-        level = await self._acquire(
-            keys=[self._prefix + key],
-            args=[config.leak_per_second, amount, config.capacity],
-        )
+        args = [config.leak_per_second, amount, config.capacity]
+        try:
+            level = await self._guard.run(
+                lambda _: self._acquire(keys=[self._prefix + key], args=args)
+            )
+        except RedisUnavailable:
+            if self._fails_closed():
+                raise
+            return await self._fallback.acquire(key, amount, config)
         return decide(_as_float(level), amount, config)[1]
 
     async def release(self, key: str, amount: int, config: BucketConfig) -> None:
@@ -100,10 +130,24 @@ class RedisLeakyBucket:
             raise ValueError(f"amount must be >= 0, got {amount}")
         if amount == 0:
             return
-        await self._release(keys=[self._prefix + key], args=[config.leak_per_second, amount])
+        args = [config.leak_per_second, amount]
+        try:
+            await self._guard.run(lambda _: self._release(keys=[self._prefix + key], args=args))
+        except RedisUnavailable:
+            # A refund that cannot reach Redis is dropped: the bucket leaks it away anyway.
+            if self._fails_closed():
+                raise
+            await self._fallback.release(key, amount, config)
 
     async def peek(self, key: str, config: BucketConfig) -> BucketDecision:
-        level = await self._peek(keys=[self._prefix + key], args=[config.leak_per_second])
+        try:
+            level = await self._guard.run(
+                lambda _: self._peek(keys=[self._prefix + key], args=[config.leak_per_second])
+            )
+        except RedisUnavailable:
+            if self._fails_closed():
+                raise
+            return await self._fallback.peek(key, config)
         return decide(_as_float(level), 0, config)[1]
 
     async def close(self) -> None:

@@ -33,8 +33,8 @@ from leaky_tokens.shared.events import (
     RedisStreamPublisher,
     finish_task,
     resolve_internal_token,
-    stream_redis_client,
 )
+from leaky_tokens.shared.redis import redis_client
 from leaky_tokens.tokens.outbox_repository import OutboxRepository, OutboxRow
 
 log = logging.getLogger("leaky_tokens.tokens.outbox")
@@ -250,8 +250,13 @@ def publisher_from_settings(settings: Settings) -> tuple[EventPublisher, list[ob
     """The transport the settings pick (see Settings.event_transport); returns what to close."""
     events = settings.events
     if settings.event_transport() == "redis":
-        redis = stream_redis_client(
-            settings.redis_url, max_connections=4, socket_timeout=events.publish_timeout_seconds
+        redis = redis_client(
+            settings.redis_url,
+            connect_timeout_seconds=settings.redis.connect_timeout_seconds,
+            command_timeout_seconds=min(
+                events.publish_timeout_seconds, max(1.0, settings.redis.command_timeout_seconds)
+            ),
+            max_connections=4,
         )
         publisher = RedisStreamPublisher(
             redis, prefix=events.stream_prefix, maxlen=events.stream_maxlen

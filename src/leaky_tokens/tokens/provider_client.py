@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import httpx
 import orjson
 
 from leaky_tokens.shared.circuit_breaker import (
@@ -20,12 +19,7 @@ from leaky_tokens.shared.circuit_breaker import (
 )
 from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.errors import AppError
-from leaky_tokens.shared.outbound import (
-    AiohttpOutbound,
-    HttpxOutbound,
-    Outbound,
-    OutboundError,
-)
+from leaky_tokens.shared.outbound import AiohttpOutbound, Outbound, OutboundError
 from leaky_tokens.shared.resilience import Bulkhead, BulkheadFull, retry
 
 log = logging.getLogger(__name__)
@@ -102,7 +96,7 @@ class ProviderClient:
         settings: ProviderSettings,
         *,
         clock: Clock | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        outbound: Outbound | None = None,
     ) -> None:
         self._settings = settings
         self._routes = {
@@ -119,10 +113,8 @@ class ProviderClient:
         # max_concurrent calls, so the pool never makes a bulkhead-admitted call queue.
         connections = settings.max_concurrent * max(1, len(self._routes))
         headers = {"accept": "application/json", "user-agent": "leaky-tokens"}
-        self._http: Outbound = (
-            HttpxOutbound(transport, headers=headers)
-            if transport is not None
-            else AiohttpOutbound(max_connections=connections, headers=headers)
+        self._http: Outbound = outbound or AiohttpOutbound(
+            max_connections=connections, headers=headers
         )
 
     async def __aenter__(self) -> ProviderClient:
