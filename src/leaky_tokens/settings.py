@@ -110,9 +110,6 @@ class TokensSettings(BaseModel):
     saga_lease_seconds: float = Field(15.0, gt=0)
     saga_max_attempts: int = Field(5, ge=1)
     saga_retry_base_seconds: float = Field(0.5, gt=0)
-    # Test hook: end the process (as SIGKILL would) right after committing this saga event
-    # (e.g. "PaymentReserved", "TokensAllocated", "PaymentReleased"). Never set in production.
-    saga_crash_after: str = ""
 
     @model_validator(mode="after")
     def _breaker_reachable(self) -> TokensSettings:

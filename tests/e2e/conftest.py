@@ -30,6 +30,7 @@ from tests.backends import (
     need_redis,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "auth", "tokens", "analytics", "qwen", "gemini", "openai")
 TABLE_OWNERS = ("auth", "tokens", "analytics")
 
@@ -50,8 +51,17 @@ def free_ports(count: int) -> list[int]:
 class Process:
     """One leaky-tokens process; knows its ports once it has written its ready file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], workdir: Path, name: str) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        workdir: Path,
+        name: str,
+        module: str = "leaky_tokens.cli",
+    ) -> None:
+        """`module` is what `python -m` runs: the CLI, or a test launcher wrapping it."""
         self.args, self.env, self.workdir, self.name = args, env, workdir, name
+        self.module = module
         self.ready_file = workdir / f"{name}.ready.json"
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,7 +74,7 @@ class Process:
             [
                 sys.executable,
                 "-m",
-                "leaky_tokens.cli",
+                self.module,
                 *self.args,
                 "--ready-file",
                 str(self.ready_file),

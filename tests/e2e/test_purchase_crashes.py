@@ -1,8 +1,9 @@
 """A token service killed mid-saga finishes every saga on restart, each step exactly once.
 
 The token service runs as its own process (`serve tokens` on a port fixed in advance) beside the
-rest (`up --skip tokens`), so it can die alone. The test hook LEAKY_TOKENS__SAGA_CRASH_AFTER ends
-it with exit code 137, as SIGKILL would, right after it commits the named saga event: the saga's
+rest (`up --skip tokens`), so it can die alone. A fault hook installed by the test launcher
+`tests/e2e/crashing_tokens.py` ends it with exit code 137, as SIGKILL would, right after it
+commits the named saga event: the saga's
 row, its outbox and its pool are then exactly as a crash there leaves them. The test reads that
 state from the database, restarts the service without the hook (same port, same database), and
 checks the saga ends, its outbox trail names each step once, and the pool changed once or not
@@ -12,7 +13,6 @@ at all. A short lease lets the new process take over the dead one's saga within 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import time
@@ -26,8 +26,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from leaky_tokens.shared.clock import SystemClock
+from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.migrations import upgrade_database
+from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.models import OutboxEvent, PurchaseSaga, StubPaymentOperation
-from tests.e2e.conftest import Process, Stack, free_ports
+from tests.e2e.conftest import REPO_ROOT, Process, Stack, free_ports
+from tests.e2e.crashing_tokens import CRASH_AFTER
 from tests.e2e.journeys import Account, login, register
 from tests.e2e.test_purchase_scenarios import (
     FAILURE_TRAIL,
@@ -78,23 +83,39 @@ class CrashStack:
         env = {
             **self.tokens_env,
             **(extra_env or {}),
-            "LEAKY_TOKENS__SAGA_CRASH_AFTER": crash_after,
+            CRASH_AFTER: crash_after,
+            "PYTHONPATH": str(REPO_ROOT),
         }
         if flags is not None:
-            env["LEAKY_TOKENS__FLAGS"] = json.dumps(flags)
+            # as an ADMIN would have set them (settings only seed flags never set)
+            asyncio.run(_set_flags(self.database_url(), flags))
         args = ["serve", "tokens", "--port", str(self.port)]
-        process = Process(args, env, self.stack.workdir, name).start()
+        process = Process(
+            args, env, self.stack.workdir, name, module="tests.e2e.crashing_tokens"
+        ).start()
         self.stack.processes.append(process)
         return process
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30.0)
 
-    def saga_on_disk(self, key: str) -> Saga:
-        url = self.tokens_env.get("LEAKY_TOKENS__DATABASE_URL") or (
+    def database_url(self) -> str:
+        return self.tokens_env.get("LEAKY_TOKENS__DATABASE_URL") or (
             f"sqlite+aiosqlite:///{(self.stack.workdir / 'var' / 'tokens.db').as_posix()}"
         )
-        return asyncio.run(_read_saga(url, key))
+
+    def saga_on_disk(self, key: str) -> Saga:
+        return asyncio.run(_read_saga(self.database_url(), key))
+
+
+async def _set_flags(url: str, flags: dict[str, bool]) -> None:
+    await upgrade_database(url, "tokens")
+    database = Database(url)
+    try:
+        for name, enabled in flags.items():
+            await FeatureFlags(database, SystemClock()).set(name, enabled)
+    finally:
+        await database.dispose()
 
 
 async def _read_saga(url: str, key: str) -> Saga:

@@ -272,6 +272,13 @@ def test_scenario_5_1_successful_token_purchase(
     assert wait_for_end(tokens, other, again["sagaId"])["status"] == "COMPLETED"
     assert pool(tokens, other) == (1500, 900)
     assert pool(tokens, user) == (500, 500)
+    # bought tokens are credit (never reset), beside the periodic allowance
+    balances = quota(tokens, other).json()
+    assert (
+        balances["allowanceTokens"],
+        balances["allowanceRemainingTokens"],
+        balances["creditTokens"],
+    ) == (1000, 400, 500)
 
 
 def test_an_org_purchase_fills_the_org_pool(

@@ -35,10 +35,14 @@ from tests.e2e.journeys import (
 
 pytestmark = pytest.mark.e2e
 
-# The plan's bodies, plus what we add on purpose: when the pool's window resets, and how many
-# tokens the charged pool has left after a consume.
-USER_QUOTA_FIELDS = {"userId", "provider", "totalTokens", "remainingTokens", "updatedAt", "resetAt"}
-ORG_QUOTA_FIELDS = {"orgId", "provider", "totalTokens", "remainingTokens", "updatedAt", "resetAt"}
+# The plan's bodies, plus what we add on purpose: when the pool's window resets, its two balances
+# (the periodic allowance and the purchased credit), and how many tokens the charged pool has
+# left after a consume.
+BALANCE_FIELDS = {"resetAt", "allowanceTokens", "allowanceRemainingTokens", "creditTokens"}
+USER_QUOTA_FIELDS = {"userId", "provider", "totalTokens", "remainingTokens", "updatedAt"}
+USER_QUOTA_FIELDS |= BALANCE_FIELDS
+ORG_QUOTA_FIELDS = {"orgId", "provider", "totalTokens", "remainingTokens", "updatedAt"}
+ORG_QUOTA_FIELDS |= BALANCE_FIELDS
 CONSUME_FIELDS = {
     "allowed",
     "capacity",

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from leaky_tokens.providers import create_provider_app
 from leaky_tokens.settings import PROVIDERS, TokensSettings
-from leaky_tokens.shared.clock import SystemClock
+from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.principal import Principal
@@ -23,7 +23,7 @@ from leaky_tokens.tokens.app import provider_settings
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
 from leaky_tokens.tokens.provider_client import ProviderClient
-from leaky_tokens.tokens.service import USER_POOL, TokenService
+from leaky_tokens.tokens.service import USER_POOL, QuotaView, TokenService
 from tests.backends import (
     REDIS_URL,
     create_postgres_database,
@@ -64,8 +64,10 @@ class Rig:
         return user_id
 
     async def remaining(self, user_id: uuid.UUID, kind: str = USER_POOL) -> int:
-        view = await self.service.get_quota(admin(), kind, user_id, "openai")
-        return view.remaining_tokens
+        return (await self.quota(user_id, kind)).remaining_tokens
+
+    async def quota(self, owner_id: uuid.UUID, kind: str = USER_POOL) -> QuotaView:
+        return await self.service.get_quota(admin(), kind, owner_id, "openai")
 
 
 def user(user_id: uuid.UUID, *orgs: uuid.UUID) -> Principal:
@@ -113,7 +115,15 @@ def token_settings() -> TokensSettings:
 
 
 @pytest.fixture
-async def rig(shape: tuple[str, str], token_settings: TokensSettings) -> AsyncIterator[Rig]:
+def clock() -> Clock:
+    """The token service's clock; a module overrides it with a FakeClock to move time."""
+    return SystemClock()
+
+
+@pytest.fixture
+async def rig(
+    shape: tuple[str, str], token_settings: TokensSettings, clock: Clock
+) -> AsyncIterator[Rig]:
     name, url = shape
     await upgrade_database(url, "tokens")
     database = Database(url)
@@ -134,7 +144,7 @@ async def rig(shape: tuple[str, str], token_settings: TokensSettings) -> AsyncIt
         provider_settings(token_settings),
         outbound=HttpxOutbound(router),
     )
-    service = TokenService(database, token_settings, SystemClock(), buckets, providers)
+    service = TokenService(database, token_settings, clock, buckets, providers)
     stubs = httpx.AsyncClient(transport=router)
     try:
         yield Rig(service, database, buckets, stubs, name)

@@ -138,20 +138,21 @@ async def test_a_cancelled_consume_leaves_no_reservation_behind(rig: Rig) -> Non
 async def test_the_sweeper_refunds_a_crashed_reservation_exactly_once(rig: Rig) -> None:
     user_id = await rig.new_user_pool(1000)
     now = datetime.now(UTC)
+    reservation_id = uuid.uuid4()
     async with rig.db.transaction() as session:  # what a process killed mid-consume leaves
         repo = QuotaLedger(session)
-        reserved = await repo.reserve(USER_POOL, user_id, "openai", 70, now, timedelta(days=1))
+        reserved = await repo.reserve(
+            USER_POOL, user_id, "openai", at_least=70, at_most=70, now=now, window=timedelta(days=1)
+        )
         assert reserved is not None
         await repo.add_reservation(
-            Reservation(
-                id=uuid.uuid4(),
-                pool_id=reserved.pool_id,
-                tokens=70,
-                pool_reset_at=reserved.reset_at,
+            reserved.reservation(
+                reservation_id,
                 user_id=user_id,
                 org_id=None,
                 provider="openai",
-                created_at=now - timedelta(minutes=5),
+                request_id="req_crashed",
+                now=now - timedelta(minutes=5),
                 expires_at=now - timedelta(minutes=1),
             )
         )
@@ -162,6 +163,11 @@ async def test_the_sweeper_refunds_a_crashed_reservation_exactly_once(rig: Rig) 
     assert sum(swept) == 1
     assert await rig.remaining(user_id) == 1000
     assert await reservations_left(rig) == 0
+    (abandoned,) = await usage_events(rig)
+    assert abandoned["decision"] == "ABANDONED"
+    assert abandoned["requestId"] == "req_crashed"  # the request that reserved
+    assert abandoned["sweptReservation"] == str(reservation_id)
+    assert abandoned["refunded"] is True
 
 
 async def test_an_expired_window_resets_lazily_and_reads_as_reset(rig: Rig) -> None:

@@ -53,16 +53,17 @@ class SagaRig:
                 return
         raise AssertionError("sagas still due after 50 passes")
 
-    async def pool_total(self, owner: uuid.UUID) -> tuple[int, int] | None:
+    async def balances(self, owner: uuid.UUID) -> tuple[int, int, int] | None:
+        """(allowance, allowance remaining, credit) of the owner's openai pool."""
         async with self.db.read() as session:
             row = (
                 await session.execute(
-                    select(TokenPool.total_tokens, TokenPool.remaining_tokens).where(
-                        TokenPool.owner_kind == USER_POOL, TokenPool.owner_id == owner
-                    )
+                    select(
+                        TokenPool.total_tokens, TokenPool.remaining_tokens, TokenPool.credit_tokens
+                    ).where(TokenPool.owner_kind == USER_POOL, TokenPool.owner_id == owner)
                 )
             ).one_or_none()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2])
 
     async def trail(self, saga_id: uuid.UUID) -> list[str]:
         async with self.db.read() as session:
@@ -117,7 +118,7 @@ async def test_a_purchase_completes_and_adds_tokens_once(saga: SagaRig) -> None:
 
     done = await saga.purchases.get_purchase(user(owner), str(started.id))
     assert done.status == "COMPLETED"
-    assert await saga.pool_total(owner) == (500, 500)
+    assert await saga.balances(owner) == (0, 0, 500)
     assert await saga.trail(started.id) == SUCCESS_TRAIL
     assert await saga.payment_steps(started.id) == ["capture", "reserve"]
 
@@ -133,7 +134,7 @@ async def test_simulated_failure_compensates_after_payment_reserved(saga: SagaRi
     assert failed.status == "FAILED"
     assert failed.failure_reason
     assert "simulated" in failed.failure_reason
-    assert await saga.pool_total(owner) is None
+    assert await saga.balances(owner) is None
     assert await saga.trail(started.id) == [
         "PurchaseStarted",
         "PaymentReserved",
@@ -155,7 +156,7 @@ async def test_a_declined_payment_fails_without_touching_the_pool(saga: SagaRig)
         "PurchaseCompensating",
         "PurchaseFailed",
     ]
-    assert await saga.pool_total(owner) is None
+    assert await saga.balances(owner) is None
 
 
 async def test_a_payment_outage_is_retried_then_gives_up_and_compensates(saga: SagaRig) -> None:
@@ -185,7 +186,7 @@ async def test_a_capture_failure_after_allocation_takes_the_tokens_back(saga: Sa
 
     final = await saga.purchases.get_purchase(user(owner), "cap")
     assert final.status == "FAILED"
-    assert await saga.pool_total(owner) == (0, 0)
+    assert await saga.balances(owner) == (0, 0, 0)
     assert await saga.trail(final.id) == [
         "PurchaseStarted",
         "PaymentReserved",
@@ -227,7 +228,7 @@ async def test_twenty_concurrent_purchases_with_one_key_make_one_saga(saga: Saga
     assert len({s.id for s, _ in results}) == 1
     assert sum(created for _, created in results) == 1
     await saga.run_until_idle()
-    assert await saga.pool_total(owner) == (100, 100)
+    assert await saga.balances(owner) == (0, 0, 100)
 
 
 async def test_twenty_concurrent_purchases_with_distinct_keys_all_complete(
@@ -244,7 +245,7 @@ async def test_twenty_concurrent_purchases_with_distinct_keys_all_complete(
     for started, _ in results:
         done = await saga.purchases.get_purchase(user(owner), str(started.id))
         assert done.status == "COMPLETED"
-    assert await saga.pool_total(owner) == (2000, 2000)
+    assert await saga.balances(owner) == (0, 0, 2000)
 
 
 async def test_two_orchestrators_racing_complete_each_saga_exactly_once(saga: SagaRig) -> None:
@@ -259,7 +260,7 @@ async def test_two_orchestrators_racing_complete_each_saga_exactly_once(saga: Sa
     await saga.run_until_idle(*rivals)
 
     for owner in owners:
-        assert await saga.pool_total(owner) == (100, 100)
+        assert await saga.balances(owner) == (0, 0, 100)
     async with saga.db.read() as session:
         operations = await session.scalar(select(func.count()).select_from(StubPaymentOperation))
     assert operations == 200  # one reserve and one capture per saga, never more
@@ -283,7 +284,7 @@ async def test_a_driver_whose_lease_was_taken_over_changes_nothing(saga: SagaRig
     await slow.drive(started.id)  # the stale driver wakes up: nothing may change
 
     assert await saga.trail(started.id) == SUCCESS_TRAIL
-    assert await saga.pool_total(owner) == (500, 500)
+    assert await saga.balances(owner) == (0, 0, 500)
 
 
 async def test_rules_before_a_saga_starts(saga: SagaRig) -> None:

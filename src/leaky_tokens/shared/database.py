@@ -75,6 +75,10 @@ class InlineConnection:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
 
+    @property
+    def dialect(self) -> Dialect:
+        return self._connection.dialect
+
     async def execute(self, statement: Any, parameters: Any = None, /) -> Any:
         return self._connection.execute(statement, parameters)
 

@@ -23,7 +23,7 @@ from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
 from leaky_tokens.tokens.outbox_relay import start_outbox_relay
 from leaky_tokens.tokens.payments import StubPaymentGateway
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
-from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator
+from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator, StepObserver
 from leaky_tokens.tokens.router import router
 from leaky_tokens.tokens.service import TokenService
 
@@ -56,8 +56,14 @@ async def _sweep_forever(service: TokenService, interval: float) -> None:
 
 
 def create_tokens_app(
-    settings: Settings, *, authenticator: Authenticator, clock: Clock | None = None
+    settings: Settings,
+    *,
+    authenticator: Authenticator,
+    clock: Clock | None = None,
+    saga_step_committed: StepObserver | None = None,
 ) -> FastAPI:
+    """`saga_step_committed` observes each committed saga step (the crash tests' fault hook)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = settings.database_url("tokens")
@@ -82,14 +88,14 @@ def create_tokens_app(
         the_clock = clock or SystemClock()
         service = TokenService(database, settings.tokens, the_clock, buckets, providers)
         flags = FeatureFlags(database, the_clock)
-        for name, enabled in settings.tokens.flags.items():
-            await flags.set(name, enabled)
+        await flags.seed(settings.tokens.flags)
         orchestrator = SagaOrchestrator(
             database,
             settings.tokens,
             the_clock,
             flags,
             StubPaymentGateway(database, the_clock, flags),
+            step_committed=saga_step_committed,
         )
         app.state.token_service = service
         app.state.purchase_service = PurchaseService(

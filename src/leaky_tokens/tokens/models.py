@@ -30,7 +30,11 @@ class TokensBase(DeclarativeBase):
 
 
 class TokenPool(TokensBase):
-    """A quota pool of one owner (a user or an organisation) for one provider."""
+    """A quota pool of one owner (a user or an organisation) for one provider, holding two
+    balances: the periodic allowance (`total_tokens`, of which `remaining_tokens` is left in the
+    window ending at `reset_at`; the window resets lazily) and the purchased credit
+    (`credit_tokens`), which never resets and is spent after the allowance. Credit is negative
+    only when a compensated purchase takes back credit that was already spent (a debt)."""
 
     __tablename__ = "token_pool"
     __table_args__ = (
@@ -45,9 +49,15 @@ class TokenPool(TokensBase):
     provider: Mapped[str] = mapped_column(String(32))
     total_tokens: Mapped[int] = mapped_column(BigInteger)
     remaining_tokens: Mapped[int] = mapped_column(BigInteger)
+    credit_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     reset_at: Mapped[datetime] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # The split of the latest reservation, written by the reserving UPDATE itself: RETURNING
+    # sees only new values, and this is how that one statement tells its caller what it took
+    # from each balance (PostgreSQL before 18 has no RETURNING OLD).
+    last_reserved_allowance: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_reserved_credit: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class Reservation(TokensBase):
@@ -60,13 +70,18 @@ class Reservation(TokensBase):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     pool_id: Mapped[uuid.UUID] = mapped_column(Uuid)
-    tokens: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)  # allowance_tokens + credit_tokens
+    # Where the reserved tokens came from; a settlement refunds the credit part first.
+    allowance_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    credit_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     # The pool's reset_at when reserved: a refund after a window reset is dropped, because the
     # new window started full.
     pool_reset_at: Mapped[datetime] = mapped_column(UtcDateTime)
     user_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     provider: Mapped[str] = mapped_column(String(32))
+    # The request that reserved (so an abandoned reservation's event still names it).
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -122,12 +137,15 @@ class PurchaseSaga(TokensBase):
 
 
 class FeatureFlag(TokensBase):
-    """Runtime switches shared by every replica (changed without a restart)."""
+    """Runtime switches shared by every replica (changed without a restart). A row exists once
+    a flag was set: by the settings of the first process that started with it ("settings"),
+    or by the admin API ("admin"), whose value then stands across restarts."""
 
     __tablename__ = "feature_flag"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     enabled: Mapped[bool] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(String(16))  # "settings" | "admin"
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 

@@ -24,12 +24,12 @@ import orjson
 
 from leaky_tokens.settings import TokensSettings
 from leaky_tokens.shared.clock import Clock
-from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.database import Database, Executes
 from leaky_tokens.shared.errors import Forbidden, InvalidRequest
 from leaky_tokens.shared.pagination import PageRequest
 from leaky_tokens.shared.principal import Principal
 from leaky_tokens.tokens.errors import IdempotencyConflict, PurchasesDisabled, SagaNotFound
-from leaky_tokens.tokens.flags import FeatureFlags
+from leaky_tokens.tokens.flags import FeatureFlags, FlagState
 from leaky_tokens.tokens.models import PurchaseSaga
 from leaky_tokens.tokens.outbox import purchase_event
 from leaky_tokens.tokens.payments import PaymentError, PaymentGateway
@@ -174,12 +174,14 @@ class PurchaseService:
         async with self.db.read() as session:
             return await SagaRepository(session).events_of(saga.id)
 
-    async def read_flags(self, principal: Principal) -> dict[str, bool]:
+    async def read_flags(self, principal: Principal) -> dict[str, FlagState]:
         if not principal.is_admin:
             raise Forbidden("only an ADMIN may read feature flags")
-        return await self.flags.all()
+        return await self.flags.states()
 
-    async def set_flag(self, principal: Principal, name: str, enabled: bool) -> dict[str, bool]:
+    async def set_flag(
+        self, principal: Principal, name: str, enabled: bool
+    ) -> dict[str, FlagState]:
         if not principal.is_admin:
             raise Forbidden("only an ADMIN may change feature flags")
         return await self.flags.set(name, enabled)
@@ -215,6 +217,11 @@ def _event(
     )
 
 
+# Called with (event type, saga id) right after a step's transaction committed; the crash tests
+# install one that ends the process there, as a SIGKILL would.
+StepObserver = Callable[[str, uuid.UUID], None]
+
+
 class _Transient(Exception):
     """A step that may succeed later (payment provider down, a database hiccup)."""
 
@@ -231,8 +238,10 @@ class SagaOrchestrator:
         payments: PaymentGateway,
         *,
         owner: str | None = None,
+        step_committed: StepObserver | None = None,
     ) -> None:
         self.db = database
+        self._step_committed = step_committed
         self.settings = settings
         self.clock = clock
         self.flags = flags
@@ -292,7 +301,7 @@ class SagaOrchestrator:
         event_type: str,
         *,
         reason: str | None = None,
-        on_commit: Callable[[SagaRepository], Any] | None = None,
+        on_commit: Callable[[Executes], Any] | None = None,
         **values: Any,
     ) -> bool:
         now = self.clock.now()
@@ -311,11 +320,10 @@ class SagaOrchestrator:
             if not moved:
                 return False  # someone else holds it now, or it already moved
             if on_commit is not None:
-                await on_commit(repo)
+                await on_commit(session)
             await QuotaLedger(session).add_event(_event(event_type, saga, to_status, now, reason))
-        if self.settings.saga_crash_after and self.settings.saga_crash_after == event_type:
-            log.error("saga crash hook: exiting after %s of %s", event_type, saga.id)
-            os._exit(137)
+        if self._step_committed is not None:
+            self._step_committed(event_type, saga.id)
         return True
 
     async def _pay(self, call: Callable[[], Any]) -> str | None:
@@ -342,8 +350,8 @@ class SagaOrchestrator:
                 return await self._start_compensating(saga, reason)
             kind, owner = self._pool_of(saga)
 
-            async def allocate(repo: SagaRepository) -> None:
-                await repo.add_to_pool(
+            async def allocate(session: Executes) -> None:
+                await QuotaLedger(session).add_credit(
                     kind, owner, saga.provider, saga.tokens, self.clock.now(), self.window
                 )
 
@@ -369,8 +377,12 @@ class SagaOrchestrator:
         if saga.tokens_allocated:
             kind, owner = self._pool_of(saga)
 
-            async def deallocate(repo: SagaRepository) -> None:
-                await repo.take_from_pool(kind, owner, saga.provider, saga.tokens, self.clock.now())
+            async def deallocate(session: Executes) -> None:
+                # Exactly what the allocation added, from the credit only (the allowance is
+                # never touched); credit already spent becomes a debt.
+                await QuotaLedger(session).remove_credit(
+                    kind, owner, saga.provider, saga.tokens, self.clock.now()
+                )
 
             return await self._move(
                 saga,

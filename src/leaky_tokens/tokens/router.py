@@ -11,11 +11,13 @@ from leaky_tokens.shared.authn import CurrentPrincipal
 from leaky_tokens.shared.errors import ServiceUnavailable
 from leaky_tokens.shared.pagination import Page, PageParams, page_of
 from leaky_tokens.shared.request_context import current_request_id
+from leaky_tokens.tokens.flags import FlagState
 from leaky_tokens.tokens.models import PurchaseSaga
 from leaky_tokens.tokens.purchase_saga import PurchaseRequest, PurchaseService
 from leaky_tokens.tokens.schemas import (
     ConsumeCreate,
     ConsumeRead,
+    FlagSource,
     FlagsRead,
     FlagUpdate,
     OrgQuotaRead,
@@ -69,6 +71,9 @@ def _user_quota(view: QuotaView) -> QuotaRead:
         remaining_tokens=view.remaining_tokens,
         reset_at=view.reset_at,
         updated_at=view.updated_at,
+        allowance_tokens=view.allowance_tokens,
+        allowance_remaining_tokens=view.allowance_remaining,
+        credit_tokens=view.credit_tokens,
     )
 
 
@@ -80,6 +85,9 @@ def _org_quota(view: QuotaView) -> OrgQuotaRead:
         remaining_tokens=view.remaining_tokens,
         reset_at=view.reset_at,
         updated_at=view.updated_at,
+        allowance_tokens=view.allowance_tokens,
+        allowance_remaining_tokens=view.allowance_remaining,
+        credit_tokens=view.credit_tokens,
     )
 
 
@@ -293,13 +301,25 @@ async def outbox_backlog(request: Request, principal: CurrentPrincipal) -> Outbo
     )
 
 
+def _flags_read(states: dict[str, FlagState]) -> FlagsRead:
+    return FlagsRead(
+        flags={name: state.enabled for name, state in states.items()},
+        sources={
+            name: FlagSource(source=state.source, updated_at=state.updated_at)
+            for name, state in states.items()
+        },
+    )
+
+
 @router.get("/admin/flags", tags=["admin"])
 async def get_flags(request: Request, principal: CurrentPrincipal) -> FlagsRead:
-    return FlagsRead(flags=await _purchases(request).read_flags(principal))
+    """Every flag's value and where it came from (settings seed a flag only when it was never
+    set; after that the admin API's value stands, across restarts and on every replica)."""
+    return _flags_read(await _purchases(request).read_flags(principal))
 
 
 @router.put("/admin/flags/{name}", tags=["admin"])
 async def set_flag(
     name: str, body: FlagUpdate, request: Request, principal: CurrentPrincipal
 ) -> FlagsRead:
-    return FlagsRead(flags=await _purchases(request).set_flag(principal, name, body.enabled))
+    return _flags_read(await _purchases(request).set_flag(principal, name, body.enabled))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -17,7 +17,6 @@ from leaky_tokens.tokens.models import (
     OutboxEvent,
     PurchaseSaga,
     StubPaymentOperation,
-    TokenPool,
 )
 
 TERMINAL = ("COMPLETED", "FAILED")
@@ -136,75 +135,33 @@ class SagaRepository:
         )
         return [dict(p) for p in rows.scalars()]
 
-    # pools
-    async def add_to_pool(
-        self,
-        kind: str,
-        owner_id: uuid.UUID,
-        provider: str,
-        tokens: int,
-        now: datetime,
-        window: timedelta,
-    ) -> None:
-        """Add purchased tokens to a pool's total and remaining, creating it if absent."""
-        insert = _insert_for(self.session)
-        statement = insert(TokenPool).values(
-            id=uuid.uuid4(),
-            owner_kind=kind,
-            owner_id=owner_id,
-            provider=provider,
-            total_tokens=tokens,
-            remaining_tokens=tokens,
-            reset_at=now + window,
-            created_at=now,
-            updated_at=now,
-        )
-        statement = statement.on_conflict_do_update(
-            index_elements=["owner_kind", "owner_id", "provider"],
-            set_={
-                "total_tokens": TokenPool.total_tokens + tokens,
-                "remaining_tokens": TokenPool.remaining_tokens + tokens,
-                "updated_at": now,
-            },
-        )
-        await self.session.execute(statement)
-
-    async def take_from_pool(
-        self, kind: str, owner_id: uuid.UUID, provider: str, tokens: int, now: datetime
-    ) -> None:
-        """Undo an allocation. Tokens already consumed cannot be taken back: floors at zero."""
-        await self.session.execute(
-            update(TokenPool)
-            .where(
-                TokenPool.owner_kind == kind,
-                TokenPool.owner_id == owner_id,
-                TokenPool.provider == provider,
-            )
-            .values(
-                total_tokens=case(
-                    (TokenPool.total_tokens >= tokens, TokenPool.total_tokens - tokens), else_=0
-                ),
-                remaining_tokens=case(
-                    (TokenPool.remaining_tokens >= tokens, TokenPool.remaining_tokens - tokens),
-                    else_=0,
-                ),
-                updated_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-
     # feature flags
-    async def flags(self) -> dict[str, bool]:
-        rows = await self.session.execute(select(FeatureFlag.name, FeatureFlag.enabled))
-        return {name: bool(enabled) for name, enabled in rows.all()}
+    async def flags(self) -> list[FeatureFlag]:
+        return list((await self.session.execute(select(FeatureFlag))).scalars())
 
     async def set_flag(self, name: str, enabled: bool, now: datetime) -> None:
+        """An admin's change: it replaces whatever was there."""
         insert = _insert_for(self.session)
-        statement = insert(FeatureFlag).values(name=name, enabled=enabled, updated_at=now)
+        statement = insert(FeatureFlag).values(
+            name=name, enabled=enabled, source="admin", updated_at=now
+        )
         statement = statement.on_conflict_do_update(
-            index_elements=["name"], set_={"enabled": enabled, "updated_at": now}
+            index_elements=["name"],
+            set_={"enabled": enabled, "source": "admin", "updated_at": now},
         )
         await self.session.execute(statement)
+
+    async def seed_flag(self, name: str, enabled: bool, now: datetime) -> bool:
+        """A value from settings, kept only if the flag was never set (True when it was kept);
+        replicas starting together agree through the primary key."""
+        insert = _insert_for(self.session)
+        statement = (
+            insert(FeatureFlag)
+            .values(name=name, enabled=enabled, source="settings", updated_at=now)
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+        result = await self.session.execute(statement)
+        return bool(getattr(result, "rowcount", 0))
 
     # the payment stub's ledger
     async def record_payment_operation(

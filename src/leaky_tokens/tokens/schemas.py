@@ -36,22 +36,38 @@ class ConsumeRead(ApiModel):
     quota_remaining: int = Field(description="Tokens left in the pool charged by this request")
 
 
+_TOTAL = "What the pool holds when a window starts: allowanceTokens + creditTokens"
+_REMAINING = "What can be spent now: allowanceRemainingTokens + creditTokens"
+_ALLOWANCE = "The periodic allowance, restored at every window reset (resetAt)"
+_ALLOWANCE_REMAINING = "Of the allowance, what is left in the current window (spent first)"
+_CREDIT = (
+    "Purchased tokens: never reset, spent after the allowance runs out (negative only when a "
+    "failed purchase took back credit that was already spent)"
+)
+
+
 class QuotaRead(ApiModel):
     user_id: uuid.UUID
     provider: str
-    total_tokens: int
-    remaining_tokens: int
+    total_tokens: int = Field(description=_TOTAL)
+    remaining_tokens: int = Field(description=_REMAINING)
     reset_at: datetime
     updated_at: datetime
+    allowance_tokens: int = Field(description=_ALLOWANCE)
+    allowance_remaining_tokens: int = Field(description=_ALLOWANCE_REMAINING)
+    credit_tokens: int = Field(description=_CREDIT)
 
 
 class OrgQuotaRead(ApiModel):
     org_id: uuid.UUID
     provider: str
-    total_tokens: int
-    remaining_tokens: int
+    total_tokens: int = Field(description=_TOTAL)
+    remaining_tokens: int = Field(description=_REMAINING)
     reset_at: datetime
     updated_at: datetime
+    allowance_tokens: int = Field(description=_ALLOWANCE)
+    allowance_remaining_tokens: int = Field(description=_ALLOWANCE_REMAINING)
+    credit_tokens: int = Field(description=_CREDIT)
 
 
 class PoolRead(ApiModel):
@@ -75,9 +91,18 @@ class OutboxBacklogRead(ApiModel):
 
 
 class _QuotaSet(RequestModel):
+    """Sets the periodic allowance (purchased credit is left as it is)."""
+
     provider: Provider
-    total_tokens: Annotated[StrictInt, Field(ge=0, le=10**12)]
-    remaining_tokens: Annotated[StrictInt, Field(ge=0, le=10**12)] | None = None
+    total_tokens: Annotated[
+        StrictInt, Field(ge=0, le=10**12, description="The allowance per window")
+    ]
+    remaining_tokens: (
+        Annotated[
+            StrictInt, Field(ge=0, le=10**12, description="Allowance left now (default: all)")
+        ]
+        | None
+    ) = None
     reset_at: UtcInput | None = None
 
 
@@ -132,5 +157,13 @@ class FlagUpdate(RequestModel):
     enabled: bool
 
 
+class FlagSource(ApiModel):
+    source: str = Field(
+        description='"default" (never set), "settings" (seeded at a first start) or "admin"'
+    )
+    updated_at: datetime | None
+
+
 class FlagsRead(ApiModel):
     flags: dict[str, bool]
+    sources: dict[str, FlagSource] = Field(description="Where each flag's value came from")

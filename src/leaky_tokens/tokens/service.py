@@ -33,11 +33,11 @@ from leaky_tokens.tokens.errors import (
     UnknownProvider,
 )
 from leaky_tokens.tokens.leaky_bucket import BucketConfig, BucketDecision, LeakyBucketStore
-from leaky_tokens.tokens.models import Reservation, TokenPool
+from leaky_tokens.tokens.models import TokenPool
 from leaky_tokens.tokens.outbox import usage_event
 from leaky_tokens.tokens.outbox_repository import Backlog, OutboxRepository
 from leaky_tokens.tokens.provider_client import ProviderCallFailed, ProviderClient
-from leaky_tokens.tokens.repository import QuotaLedger, TokensRepository
+from leaky_tokens.tokens.repository import QuotaLedger, SettledReservation, TokensRepository
 
 log = logging.getLogger("leaky_tokens.tokens")
 
@@ -64,15 +64,28 @@ class ConsumeResult:
 
 @dataclass(frozen=True, slots=True)
 class QuotaView:
-    """A pool as a reader sees it now: an expired window reads as already reset."""
+    """A pool as a reader sees it now: an expired window reads as already reset.
+
+    `total_tokens` and `remaining_tokens` keep the plan's meaning over both balances: what the
+    pool holds at the start of a window, and what can be spent now (allowance left, then
+    credit)."""
 
     kind: str
     owner_id: uuid.UUID
     provider: str
-    total_tokens: int
-    remaining_tokens: int
+    allowance_tokens: int  # the periodic allowance, restored at every window reset
+    allowance_remaining: int  # of it, left in the current window
+    credit_tokens: int  # purchased, never reset, spent after the allowance
     reset_at: datetime
     updated_at: datetime
+
+    @property
+    def total_tokens(self) -> int:
+        return max(0, self.allowance_tokens + self.credit_tokens)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return max(0, self.allowance_remaining + self.credit_tokens)
 
 
 def check_provider(provider: str) -> None:
@@ -121,24 +134,16 @@ class TokenService:
     # quotas
     def _view(self, pool: TokenPool) -> QuotaView:
         now = self.clock.now()
-        if pool.reset_at <= now:
-            return QuotaView(
-                pool.owner_kind,
-                pool.owner_id,
-                pool.provider,
-                pool.total_tokens,
-                pool.total_tokens,
-                now + self.window,
-                pool.updated_at,
-            )
+        expired = pool.reset_at <= now
         return QuotaView(
             pool.owner_kind,
             pool.owner_id,
             pool.provider,
-            pool.total_tokens,
-            pool.remaining_tokens,
-            pool.reset_at,
-            pool.updated_at,
+            allowance_tokens=pool.total_tokens,
+            allowance_remaining=pool.total_tokens if expired else pool.remaining_tokens,
+            credit_tokens=pool.credit_tokens,
+            reset_at=now + self.window if expired else pool.reset_at,
+            updated_at=pool.updated_at,
         )
 
     async def get_quota(
@@ -268,21 +273,25 @@ class TokenService:
         async with self.db.connection() as conn:
             repo = QuotaLedger(conn)
             reserved = await repo.reserve(
-                kind, owner, request.provider, request.tokens, now, self.window
+                kind,
+                owner,
+                request.provider,
+                at_least=request.tokens,
+                at_most=request.tokens,
+                now=now,
+                window=self.window,
             )
             if reserved is None:
                 await repo.add_event(usage_event("QUOTA_INSUFFICIENT", now=now, **event_fields))
             else:
                 await repo.add_reservation(
-                    Reservation(
-                        id=reservation_id,
-                        pool_id=reserved.pool_id,
-                        tokens=request.tokens,
-                        pool_reset_at=reserved.reset_at,
+                    reserved.reservation(
+                        reservation_id,
                         user_id=request.user_id,
                         org_id=request.org_id,
                         provider=request.provider,
-                        created_at=now,
+                        request_id=request_id,
+                        now=now,
                         expires_at=now + timedelta(seconds=self.settings.reservation_ttl_seconds),
                     )
                 )
@@ -337,13 +346,12 @@ class TokenService:
         now = self.clock.now()
         async with self.db.connection() as conn:
             repo = QuotaLedger(conn)
-            settled = await repo.settle(reservation_id)
+            settled = await repo.settle(reservation_id, 0, now)
             if settled is None:
                 return True  # someone else (the sweeper) settled it already
-            refunded = await repo.refund(settled, now)
             await repo.add_event(
                 usage_event(
-                    decision, now=now, **event_fields, extra={**extra, "refunded": refunded}
+                    decision, now=now, **event_fields, extra={**extra, **_refund_fields(settled)}
                 )
             )
         return True
@@ -354,16 +362,13 @@ class TokenService:
         now = self.clock.now()
         async with self.db.connection() as conn:
             repo = QuotaLedger(conn)
-            if await repo.settle(reservation_id) is None:
+            settled = await repo.settle(reservation_id, event_fields["tokens"], now)
+            extra: dict[str, Any] = {"providerResponseId": answer.get("id")}
+            if settled is None:
                 log.warning("reservation %s was swept before its commit", reservation_id)
-            await repo.add_event(
-                usage_event(
-                    "ALLOWED",
-                    now=now,
-                    **event_fields,
-                    extra={"providerResponseId": answer.get("id")},
-                )
-            )
+            else:
+                extra.update(_split_fields(settled))
+            await repo.add_event(usage_event("ALLOWED", now=now, **event_fields, extra=extra))
         return True
 
     async def sweep_expired_reservations(self, limit: int = 200) -> int:
@@ -375,24 +380,40 @@ class TokenService:
             now = self.clock.now()
             async with self.db.connection() as conn:
                 repo = QuotaLedger(conn)
-                settled = await repo.settle(reservation_id)
+                settled = await repo.settle(reservation_id, 0, now)
                 if settled is None:
                     continue
-                refunded = await repo.refund(settled, now)
                 await repo.add_event(
                     usage_event(
                         "ABANDONED",
                         user_id=settled.user_id,
                         org_id=settled.org_id,
                         provider=settled.provider,
-                        tokens=settled.tokens,
+                        tokens=settled.reserved,
                         now=now,
-                        request_id=None,
-                        extra={"refunded": refunded, "sweptReservation": str(reservation_id)},
+                        request_id=settled.request_id,
+                        extra={
+                            **_refund_fields(settled),
+                            "sweptReservation": str(reservation_id),
+                        },
                     )
                 )
                 swept += 1
         return swept
+
+
+def _split_fields(settled: SettledReservation) -> dict[str, Any]:
+    """Which balance paid for what was used (usage events carry it for analytics)."""
+    return {"allowanceTokens": settled.used_allowance, "creditTokens": settled.used_credit}
+
+
+def _refund_fields(settled: SettledReservation) -> dict[str, Any]:
+    # `refunded`: everything reserved went back (false when the window reset in between and
+    # the allowance part was dropped, as the new window started full).
+    return {
+        "refunded": settled.allowance_refund_dropped == 0,
+        "refundedTokens": settled.refunded,
+    }
 
 
 def rate_limited_body(decision: BucketDecision) -> dict[str, Any]:
