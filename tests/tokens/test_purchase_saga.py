@@ -17,6 +17,7 @@ from leaky_tokens.shared.clock import SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.errors import Forbidden, InvalidRequest
 from leaky_tokens.shared.migrations import upgrade_database
+from leaky_tokens.shared.pagination import PageRequest
 from leaky_tokens.tokens.errors import IdempotencyConflict, PurchasesDisabled, SagaNotFound
 from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.models import StubPaymentOperation, TokenPool
@@ -29,7 +30,7 @@ from leaky_tokens.tokens.purchase_saga import (
 from leaky_tokens.tokens.saga_repository import SagaRepository
 from leaky_tokens.tokens.service import USER_POOL
 from tests.backends import create_postgres_database, drop_postgres_database, need_postgres
-from tests.tokens.conftest import make_settings, user
+from tests.tokens.conftest import admin, make_settings, user
 
 
 @dataclass
@@ -306,3 +307,18 @@ async def test_another_users_saga_is_not_found(saga: SagaRig) -> None:
         await saga.purchases.get_purchase(user(uuid.uuid4()), str(started.id))
     with pytest.raises(SagaNotFound):
         await saga.purchases.get_purchase(user(uuid.uuid4()), "mine")
+
+
+async def test_a_user_lists_their_own_sagas_and_an_admin_everyones(saga: SagaRig) -> None:
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    mine, _ = await saga.purchases.start_purchase(user(alice), buy(alice), None)
+    theirs, _ = await saga.purchases.start_purchase(user(bob), buy(bob), None)
+    page = PageRequest(1, 20)
+    listed, total = await saga.purchases.list_purchases(user(alice), page)
+    assert ([s.id for s in listed], total) == ([mine.id], 1)
+    with pytest.raises(Forbidden):
+        await saga.purchases.list_purchases(user(alice), page, bob)
+    everyone, total = await saga.purchases.list_purchases(admin(), page)
+    assert ({s.id for s in everyone}, total) == ({mine.id, theirs.id}, 2)
+    one, _ = await saga.purchases.list_purchases(admin(), page, bob)
+    assert [s.id for s in one] == [theirs.id]

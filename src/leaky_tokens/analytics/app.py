@@ -36,6 +36,7 @@ def create_analytics_app(
         app.state.authenticator = authenticator
         consumers = await start_consumers(settings, service, metrics)
         app.state.event_receiver = consumers.receiver
+        app.state.consumers = consumers
         try:
             yield
         finally:

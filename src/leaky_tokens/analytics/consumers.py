@@ -91,18 +91,28 @@ class RunningConsumers:
         self._stopping = asyncio.Event()
         self._lag_task = asyncio.create_task(self._watch_lag(), name="analytics-lag")
 
+    @property
+    def transports(self) -> tuple[str, ...]:
+        return ("http", "redis") if self._redis is not None else ("http",)
+
+    async def lag(self) -> dict[str, int]:
+        """Per stream name (usage, purchase): events held in transit, over every transport."""
+        found: dict[str, int] = {}
+        for consumer in self.consumers:
+            for key, lag in (await consumer.lag()).items():
+                stream = key.rsplit(":", 1)[-1]
+                found[stream] = found.get(stream, 0) + lag
+        return found
+
     async def _watch_lag(self) -> None:
-        names: dict[str, str] = {}
         while not self._stopping.is_set():
-            for consumer in self.consumers:
-                try:
-                    for key, lag in (await consumer.lag()).items():
-                        stream = names.setdefault(key, key.rsplit(":", 1)[-1])
-                        self._metrics.lag.labels(stream).set(lag)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.debug("consumer lag query failed", exc_info=True)
+            try:
+                for stream, lag in (await self.lag()).items():
+                    self._metrics.lag.labels(stream).set(lag)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.debug("consumer lag query failed", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._lag_every)
 

@@ -13,3 +13,7 @@ class ForeignUsage(Forbidden):
     """A USER asked for another user's events."""
 
     default_message = "you may only read your own usage"
+
+
+class TooManyBuckets(InvalidRequest):
+    """A time series asked for more buckets than one answer holds."""

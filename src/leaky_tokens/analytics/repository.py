@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, case, func, literal, select
+from sqlalchemy import BigInteger, ColumnElement, Table, case, cast, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,9 +19,10 @@ from leaky_tokens.shared.database import UtcDateTime
 
 @dataclass(frozen=True, slots=True)
 class UsageFilter:
-    """Which usage events a query sees: one provider, optionally one user and/or one org."""
+    """Which usage events a query sees: one provider (None: every provider), optionally one
+    user and/or one org."""
 
-    provider: str
+    provider: str | None
     user_id: uuid.UUID | None = None
     org_id: uuid.UUID | None = None
 
@@ -36,10 +37,26 @@ class WindowTotals:
 
 
 @dataclass(frozen=True, slots=True)
-class UserTotals:
-    user_id: uuid.UUID
+class OwnerTotals:
+    """One user's or one org's totals in a window (`owner_id` is the user or org id)."""
+
+    owner_id: uuid.UUID
     tokens: int
     events: int
+    allowed_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class BucketTotals:
+    """The events of one (provider, model) in one time bucket; `bucket` is the bucket's number
+    counted from the epoch (its start is bucket x bucket_seconds)."""
+
+    provider: str
+    model: str | None
+    bucket: int
+    events: int
+    allowed_events: int
+    tokens: int
     allowed_tokens: int
 
 
@@ -50,7 +67,9 @@ def _at(moment: datetime) -> ColumnElement[Any]:
 def _where(
     scope: UsageFilter, start: datetime | None = None, end: datetime | None = None
 ) -> list[ColumnElement[bool]]:
-    clauses: list[ColumnElement[bool]] = [UsageEvent.provider == scope.provider]
+    clauses: list[ColumnElement[bool]] = []
+    if scope.provider is not None:
+        clauses.append(UsageEvent.provider == scope.provider)
     if scope.user_id is not None:
         clauses.append(UsageEvent.user_id == scope.user_id)
     if scope.org_id is not None:
@@ -64,6 +83,18 @@ def _where(
 
 _ALLOWED_ONE = case((UsageEvent.allowed, 1), else_=0)
 _ALLOWED_TOKENS = case((UsageEvent.allowed, UsageEvent.tokens), else_=0)
+# The model an event names, when it names one (events of the OpenAI-compatible API do).
+_MODEL = UsageEvent.details["model"].as_string()
+
+
+def _epoch_seconds(dialect: str) -> ColumnElement[int]:
+    """Whole seconds since the epoch of `occurred_at`, truncated, exactly. SQLite keeps the time
+    as text ("YYYY-MM-DD HH:MM:SS.ffffff"): the first 19 characters are the whole seconds
+    (strftime alone rounds to the millisecond, which would move an event at .9996 s into the
+    next second while the window filter, a text comparison, keeps it in this one)."""
+    if dialect == "postgresql":
+        return cast(func.floor(func.extract("epoch", UsageEvent.occurred_at)), BigInteger)
+    return cast(func.strftime("%s", func.substr(UsageEvent.occurred_at, 1, 19)), BigInteger)
 
 
 class AnalyticsRepository:
@@ -133,17 +164,64 @@ class AnalyticsRepository:
 
     async def top_users(
         self, scope: UsageFilter, start: datetime, end: datetime, limit: int
-    ) -> list[UserTotals]:
+    ) -> list[OwnerTotals]:
+        """The users who asked for most tokens in the window."""
+        return await self._top_by(UsageEvent.user_id, scope, start, end, limit)
+
+    async def top_orgs(
+        self, scope: UsageFilter, start: datetime, end: datetime, limit: int
+    ) -> list[OwnerTotals]:
+        """Organisations whose pools were charged most in the window (events with an org)."""
+        return await self._top_by(UsageEvent.org_id, scope, start, end, limit)
+
+    async def _top_by(
+        self,
+        owner: Any,
+        scope: UsageFilter,
+        start: datetime,
+        end: datetime,
+        limit: int,
+    ) -> list[OwnerTotals]:
         tokens = func.sum(UsageEvent.tokens)
         events = func.count()
         rows = await self.session.execute(
-            select(UsageEvent.user_id, tokens, events, func.sum(_ALLOWED_TOKENS))
-            .where(*_where(scope, start, end))
-            .group_by(UsageEvent.user_id)
-            .order_by(tokens.desc(), events.desc(), UsageEvent.user_id)
+            select(owner, tokens, events, func.sum(_ALLOWED_TOKENS))
+            .where(*_where(scope, start, end), owner.is_not(None))
+            .group_by(owner)
+            .order_by(tokens.desc(), events.desc(), owner)
             .limit(limit)
         )
-        return [UserTotals(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+        return [OwnerTotals(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    async def usage_timeseries(
+        self, scope: UsageFilter, start: datetime, end: datetime, bucket_seconds: int
+    ) -> list[BucketTotals]:
+        """Exact totals of every event in [start, end) per (provider, model, bucket), buckets of
+        `bucket_seconds` counted from the epoch; one grouped scan, empty buckets absent. Windows
+        whose bounds are whole seconds put each event in exactly one bucket. (The one query the
+        dashboard's usage chart needs: a rollup table can answer it later.)"""
+        dialect = self.session.get_bind().dialect.name
+        # Grouped by label: the expressions carry bound parameters, which PostgreSQL would see
+        # as different expressions in the select list and in GROUP BY.
+        bucket = (_epoch_seconds(dialect) // literal(bucket_seconds, BigInteger)).label("bucket")
+        model = _MODEL.label("model")
+        rows = await self.session.execute(
+            select(
+                UsageEvent.provider,
+                model,
+                bucket,
+                func.count(),
+                func.coalesce(func.sum(_ALLOWED_ONE), 0),
+                func.coalesce(func.sum(UsageEvent.tokens), 0),
+                func.coalesce(func.sum(_ALLOWED_TOKENS), 0),
+            )
+            .where(*_where(scope, start, end))
+            .group_by(UsageEvent.provider, model, bucket)
+        )
+        return [
+            BucketTotals(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
+            for r in rows
+        ]
 
     async def tokens_per_window(
         self, scope: UsageFilter, windows: Sequence[tuple[datetime, datetime]]

@@ -8,8 +8,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from leaky_tokens.analytics.schemas import AnomalyRead, PurchaseEventsRead, ReportRead, UsageRead
-from leaky_tokens.analytics.service import MAX_ITEMS, AnalyticsService
+from leaky_tokens.analytics.schemas import (
+    AnomalyRead,
+    ConsumerLagRead,
+    PurchaseEventsRead,
+    ReportRead,
+    TimeseriesRead,
+    TopRead,
+    UsageRead,
+)
+from leaky_tokens.analytics.service import MAX_ITEMS, MAX_SERIES_MINUTES, AnalyticsService
 from leaky_tokens.shared.authn import CurrentPrincipal
 from leaky_tokens.shared.errors import ServiceUnavailable
 from leaky_tokens.shared.pagination import PageParams
@@ -27,6 +35,19 @@ OrgFilter = Annotated[
     uuid.UUID | None, Query(alias="orgId", description="Events charged to one org pool")
 ]
 WindowMinutes = Annotated[int, Query(alias="windowMinutes", ge=1, le=1440)]
+SeriesWindow = Annotated[
+    int,
+    Query(
+        alias="windowMinutes",
+        ge=1,
+        le=MAX_SERIES_MINUTES,
+        description="60 (1 h), 1440 (24 h), 10080 (7 d) or any width up to 7 days",
+    ),
+]
+AnyProvider = Annotated[
+    str | None,
+    Query(min_length=1, max_length=32, description="openai, qwen or gemini; omitted: all"),
+]
 
 
 def _service(request: Request) -> AnalyticsService:
@@ -96,6 +117,66 @@ async def anomalies(
         user_id=user_id,
         org_id=org_id,
     )
+
+
+@router.get("/timeseries", tags=["analytics"])
+async def timeseries(
+    request: Request,
+    principal: CurrentPrincipal,
+    window_minutes: SeriesWindow = 60,
+    bucket_seconds: Annotated[
+        int | None,
+        Query(
+            alias="bucketSeconds",
+            ge=1,
+            le=86_400,
+            description="Bucket width; default 60 s up to 1 h, 300 s up to 6 h, 900 s up to "
+            "24 h, 3600 s beyond. At most 1000 buckets.",
+        ),
+    ] = None,
+    provider: AnyProvider = None,
+    user_id: UserFilter = None,
+    org_id: OrgFilter = None,
+) -> TimeseriesRead:
+    """Requests and tokens (all and allowed) per provider and model in epoch-aligned buckets,
+    the last one holding now: exact totals from SQL aggregates, scoped like `/usage` (a USER
+    their own events, an ADMIN everyone's or one `userId` / `orgId`)."""
+    return await _service(request).timeseries(
+        principal,
+        provider,
+        window_minutes=window_minutes,
+        bucket_seconds=bucket_seconds,
+        user_id=user_id,
+        org_id=org_id,
+    )
+
+
+@router.get("/top", tags=["analytics"])
+async def top(
+    request: Request,
+    principal: CurrentPrincipal,
+    window_minutes: SeriesWindow = 60,
+    limit: Annotated[int, Query(ge=1, le=50)] = 5,
+    provider: AnyProvider = None,
+    user_id: UserFilter = None,
+    org_id: OrgFilter = None,
+) -> TopRead:
+    """The users and organisation pools with most tokens over [now - windowMinutes, now)."""
+    return await _service(request).top(
+        principal,
+        provider,
+        window_minutes=window_minutes,
+        limit=limit,
+        user_id=user_id,
+        org_id=org_id,
+    )
+
+
+@router.get("/admin/consumers", tags=["admin"])
+async def consumer_lag(request: Request, principal: CurrentPrincipal) -> ConsumerLagRead:
+    """ADMIN: events the transports hold that analytics has not stored yet (consumer lag);
+    the same figure as `analytics_consumer_lag_events` at `/metrics`."""
+    return await _service(request).consumer_lag(principal, request.app.state.consumers)
 
 
 @router.get("/purchases", tags=["analytics"])

@@ -41,6 +41,59 @@ class TopUser(ApiModel):
     allowed_tokens: int  # added
 
 
+class TopOrg(ApiModel):
+    org_id: uuid.UUID
+    total_tokens: int
+    events: int
+    allowed_tokens: int
+
+
+class TopRead(ApiModel):
+    provider: str | None  # None: every provider
+    window_start: datetime
+    window_end: datetime
+    top_users: list[TopUser]
+    top_orgs: list[TopOrg]  # org pools charged (events with an orgId)
+
+
+class SeriesTotals(ApiModel):
+    requests: int
+    allowed_requests: int
+    refused_requests: int
+    tokens: int  # asked for by every event (demand)
+    allowed_tokens: int  # of ALLOWED events (charged)
+
+
+class SeriesRead(ApiModel):
+    """One provider (and model, when its events name one); a value per bucket."""
+
+    provider: str
+    model: str | None
+    requests: list[int]
+    allowed_requests: list[int]
+    tokens: list[int]
+    allowed_tokens: list[int]
+    totals: SeriesTotals
+
+
+class TimeseriesRead(ApiModel):
+    provider: str | None  # None: every provider
+    window_minutes: int
+    bucket_seconds: int
+    window_start: datetime  # the first bucket's start
+    window_end: datetime  # now (exclusive)
+    buckets: list[datetime]  # each bucket's start; the series' arrays follow this order
+    series: list[SeriesRead]
+    totals: SeriesTotals
+
+
+class ConsumerLagRead(ApiModel):
+    transports: list[str]  # "http" (push; holds nothing in transit) and/or "redis"
+    lag: dict[str, int]  # per stream: undelivered + unacknowledged events
+    total: int
+    measured_at: datetime
+
+
 class ReportRead(ApiModel):
     provider: str
     window_start: datetime

@@ -18,19 +18,30 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Annotated, Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Protocol
 
 from pydantic import Field, StringConstraints, ValidationError
 
 from leaky_tokens.analytics import anomalies
-from leaky_tokens.analytics.errors import ForeignUsage, UnknownProvider
-from leaky_tokens.analytics.repository import AnalyticsRepository, UsageFilter
+from leaky_tokens.analytics.errors import ForeignUsage, TooManyBuckets, UnknownProvider
+from leaky_tokens.analytics.repository import (
+    AnalyticsRepository,
+    BucketTotals,
+    OwnerTotals,
+    UsageFilter,
+)
 from leaky_tokens.analytics.schemas import (
     AnomalyRead,
+    ConsumerLagRead,
     PurchaseEventRead,
     PurchaseEventsRead,
     ReportRead,
+    SeriesRead,
+    SeriesTotals,
+    TimeseriesRead,
+    TopOrg,
+    TopRead,
     TopUser,
     UsageItem,
     UsageKey,
@@ -39,6 +50,7 @@ from leaky_tokens.analytics.schemas import (
 from leaky_tokens.settings import PROVIDERS
 from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.errors import Forbidden
 from leaky_tokens.shared.events import Event
 from leaky_tokens.shared.pagination import Pagination
 from leaky_tokens.shared.principal import Principal
@@ -52,6 +64,40 @@ PURCHASE = "purchase"
 # never sample: they are computed by the database over every event in the window.
 MAX_ITEMS = 200
 TOP_USERS = 5
+# The time series: at most this wide (7 days) and this many buckets per answer.
+MAX_SERIES_MINUTES = 7 * 24 * 60
+MAX_BUCKETS = 1000
+
+
+def default_bucket_seconds(window_minutes: int) -> int:
+    """A chart's worth of buckets (60-168) for the usual windows: 1 h by the minute, 24 h by the
+    quarter hour, 7 d by the hour."""
+    if window_minutes <= 60:
+        return 60
+    if window_minutes <= 360:
+        return 300
+    if window_minutes <= 1440:
+        return 900
+    return 3600
+
+
+def bucket_bounds(now: datetime, window_minutes: int, bucket_seconds: int) -> tuple[int, int]:
+    """(first, count): the epoch-aligned buckets that cover [now - window, now), the first one
+    holding now - window and the last one now (a bucket starting at now would be empty, so it
+    is left out). Too many buckets for one answer is the caller's error."""
+    seconds = int(now.timestamp() // 1)
+    first = (seconds - window_minutes * 60) // bucket_seconds
+    last = seconds // bucket_seconds
+    if seconds % bucket_seconds == 0 and now.microsecond == 0:
+        last -= 1
+    count = last - first + 1
+    if count > MAX_BUCKETS:
+        message = (
+            f"{count} buckets of {bucket_seconds} s for {window_minutes} min; "
+            f"at most {MAX_BUCKETS} per answer"
+        )
+        raise TooManyBuckets(message, details=[{"field": "bucketSeconds", "message": message}])
+    return first, count
 
 
 class UsagePayload(ApiModel):
@@ -108,9 +154,15 @@ def check_provider(provider: str) -> str:
 
 
 def scope_for(
-    principal: Principal, provider: str, user_id: uuid.UUID | None, org_id: uuid.UUID | None
+    principal: Principal,
+    provider: str | None,
+    user_id: uuid.UUID | None,
+    org_id: uuid.UUID | None,
 ) -> UsageFilter:
-    provider = check_provider(provider)
+    """What the caller may see: a USER their own events, an ADMIN everyone's or a pick.
+    `provider` None means every provider."""
+    if provider is not None:
+        provider = check_provider(provider)
     if principal.is_admin:
         return UsageFilter(provider, user_id, org_id)
     if user_id is not None and user_id != principal.user_id:
@@ -165,6 +217,73 @@ def _purchase_row(event: Event, now: datetime) -> dict[str, Any]:
 
 def _rounded(value: float) -> float:
     return round(value, 2) if math.isfinite(value) else 0.0
+
+
+class LagSource(Protocol):
+    """Where analytics' event transports report what they hold but have not delivered."""
+
+    transports: tuple[str, ...]
+
+    async def lag(self) -> dict[str, int]: ...
+
+
+def _series(
+    rows: Sequence[BucketTotals], first: int, count: int
+) -> tuple[list[SeriesRead], SeriesTotals]:
+    """One series per (provider, model), a value per bucket (zero where no event fell)."""
+    arrays: dict[tuple[str, str | None], list[list[int]]] = {}
+    for row in rows:
+        key = (row.provider, row.model)
+        values = arrays.setdefault(key, [[0] * count for _ in range(4)])
+        index = row.bucket - first
+        values[0][index] += row.events
+        values[1][index] += row.allowed_events
+        values[2][index] += row.tokens
+        values[3][index] += row.allowed_tokens
+    series = []
+    for (provider, model), (requests, allowed, tokens, allowed_tokens) in sorted(
+        arrays.items(), key=lambda item: (item[0][0], item[0][1] or "")
+    ):
+        series.append(
+            SeriesRead(
+                provider=provider,
+                model=model,
+                requests=requests,
+                allowed_requests=allowed,
+                tokens=tokens,
+                allowed_tokens=allowed_tokens,
+                totals=_totals(sum(requests), sum(allowed), sum(tokens), sum(allowed_tokens)),
+            )
+        )
+    overall = _totals(
+        sum(s.totals.requests for s in series),
+        sum(s.totals.allowed_requests for s in series),
+        sum(s.totals.tokens for s in series),
+        sum(s.totals.allowed_tokens for s in series),
+    )
+    return series, overall
+
+
+def _top_users(users: Sequence[OwnerTotals]) -> list[TopUser]:
+    return [
+        TopUser(
+            user_id=u.owner_id,
+            total_tokens=u.tokens,
+            events=u.events,
+            allowed_tokens=u.allowed_tokens,
+        )
+        for u in users
+    ]
+
+
+def _totals(requests: int, allowed: int, tokens: int, allowed_tokens: int) -> SeriesTotals:
+    return SeriesTotals(
+        requests=requests,
+        allowed_requests=allowed,
+        refused_requests=requests - allowed,
+        tokens=tokens,
+        allowed_tokens=allowed_tokens,
+    )
 
 
 class AnalyticsService:
@@ -288,15 +407,7 @@ class AnalyticsService:
             average_tokens=_rounded(totals.tokens / totals.events) if totals.events else 0.0,
             unique_users=totals.unique_users,
             sample_limit=MAX_ITEMS,
-            top_users=[
-                TopUser(
-                    user_id=u.user_id,
-                    total_tokens=u.tokens,
-                    events=u.events,
-                    allowed_tokens=u.allowed_tokens,
-                )
-                for u in top
-            ],
+            top_users=_top_users(top),
         )
 
     async def anomalies(
@@ -335,6 +446,83 @@ class AnalyticsService:
             threshold=threshold,
             anomaly=verdict.anomaly,
             sample_limit=MAX_ITEMS,
+        )
+
+    async def timeseries(
+        self,
+        principal: Principal,
+        provider: str | None,
+        *,
+        window_minutes: int,
+        bucket_seconds: int | None = None,
+        user_id: uuid.UUID | None = None,
+        org_id: uuid.UUID | None = None,
+    ) -> TimeseriesRead:
+        """Requests and tokens (all / allowed) per provider and model in epoch-aligned buckets
+        covering the window; exact (every event in [first bucket's start, now) counted once)."""
+        scope = scope_for(principal, provider, user_id, org_id)
+        size = bucket_seconds or default_bucket_seconds(window_minutes)
+        end = self.clock.now()
+        first, count = bucket_bounds(end, window_minutes, size)
+        start = datetime.fromtimestamp(first * size, UTC)
+        async with self.db.read() as session:
+            rows = await AnalyticsRepository(session).usage_timeseries(scope, start, end, size)
+        series, totals = _series(rows, first, count)
+        return TimeseriesRead(
+            provider=scope.provider,
+            window_minutes=window_minutes,
+            bucket_seconds=size,
+            window_start=start,
+            window_end=end,
+            buckets=[start + timedelta(seconds=i * size) for i in range(count)],
+            series=series,
+            totals=totals,
+        )
+
+    async def top(
+        self,
+        principal: Principal,
+        provider: str | None,
+        *,
+        window_minutes: int,
+        limit: int = TOP_USERS,
+        user_id: uuid.UUID | None = None,
+        org_id: uuid.UUID | None = None,
+    ) -> TopRead:
+        """The users and the organisation pools that asked for most tokens in [now - w, now)."""
+        scope = scope_for(principal, provider, user_id, org_id)
+        end = self.clock.now()
+        start = end - timedelta(minutes=window_minutes)
+        async with self.db.read() as session:
+            repo = AnalyticsRepository(session)
+            users = await repo.top_users(scope, start, end, limit)
+            orgs = await repo.top_orgs(scope, start, end, limit)
+        return TopRead(
+            provider=scope.provider,
+            window_start=start,
+            window_end=end,
+            top_users=_top_users(users),
+            top_orgs=[
+                TopOrg(
+                    org_id=o.owner_id,
+                    total_tokens=o.tokens,
+                    events=o.events,
+                    allowed_tokens=o.allowed_tokens,
+                )
+                for o in orgs
+            ],
+        )
+
+    async def consumer_lag(self, principal: Principal, source: LagSource) -> ConsumerLagRead:
+        """ADMIN: per stream, the events a transport holds that analytics has not stored yet."""
+        if not principal.is_admin:
+            raise Forbidden("only an ADMIN may read the event pipeline's state")
+        lag = await source.lag()
+        return ConsumerLagRead(
+            transports=list(source.transports),
+            lag={stream: lag.get(stream, 0) for stream in (USAGE, PURCHASE)},
+            total=sum(lag.values()),
+            measured_at=self.clock.now(),
         )
 
     async def purchases(

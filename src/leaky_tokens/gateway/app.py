@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from leaky_tokens.gateway.dashboard import DashboardFiles
 from leaky_tokens.gateway.edge import GatewayEdge, GatewayMetrics
 from leaky_tokens.gateway.health import HEALTH_PATHS, aggregate
 from leaky_tokens.gateway.identity import EdgeAuthenticator
@@ -175,5 +176,7 @@ def create_gateway_app(
         if path
     )
     # Innermost user middleware: right inside the envelope (which `add_middleware` would not do).
+    # The dashboard's files first: /dashboard/** is the gateway's own, never an upstream's.
+    app.user_middleware.append(Middleware(DashboardFiles))
     app.user_middleware.append(Middleware(EdgeDispatch, edge=edge, own_paths=own_paths))
     return app

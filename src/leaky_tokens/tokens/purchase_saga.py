@@ -187,11 +187,16 @@ class PurchaseService:
         return await self.flags.set(name, enabled)
 
     async def list_purchases(
-        self, principal: Principal, page: PageRequest
+        self, principal: Principal, page: PageRequest, user_id: uuid.UUID | None = None
     ) -> tuple[list[PurchaseSaga], int]:
+        """Newest first: a USER's own sagas; an ADMIN's pick of user, else everyone's."""
+        if user_id is not None and not principal.may_act_for_user(user_id):
+            raise Forbidden("you may only list your own purchases")
+        if user_id is None and not principal.is_admin:
+            user_id = principal.user_id
         async with self.db.read() as session:
             sagas, total = await SagaRepository(session).page_of_user(
-                principal.user_id, page.offset, page.page_size
+                user_id, page.offset, page.page_size
             )
         return list(sagas), total
 

@@ -13,11 +13,14 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     Uuid,
+    and_,
     bindparam,
     case,
     delete,
+    func,
     insert,
     literal,
+    or_,
     select,
     update,
 )
@@ -404,6 +407,34 @@ class TokensRepository:
             select(TokenPool).where(*_owner(kind, owner_id, provider))
         )
         return rows.scalar_one_or_none()
+
+    async def pools_page(
+        self, owners: Sequence[tuple[str, uuid.UUID]] | None, offset: int, limit: int
+    ) -> tuple[Sequence[TokenPool], int]:
+        """Pools of these (kind, owner id) pairs, or every pool (None), in a stable order."""
+        clauses: list[ColumnElement[bool]] = []
+        if owners is not None:
+            if not owners:
+                return [], 0
+            clauses.append(
+                or_(
+                    *(
+                        and_(TokenPool.owner_kind == kind, TokenPool.owner_id == owner_id)
+                        for kind, owner_id in owners
+                    )
+                )
+            )
+        total = await self.session.scalar(
+            select(func.count()).select_from(TokenPool).where(*clauses)
+        )
+        rows = await self.session.execute(
+            select(TokenPool)
+            .where(*clauses)
+            .order_by(TokenPool.owner_kind.desc(), TokenPool.owner_id, TokenPool.provider)
+            .offset(offset)
+            .limit(limit)
+        )
+        return rows.scalars().all(), int(total or 0)
 
     async def upsert_pool(
         self,

@@ -22,6 +22,8 @@ from leaky_tokens.tokens.schemas import (
     FlagUpdate,
     OrgQuotaRead,
     OrgQuotaSet,
+    OutboxBacklogRead,
+    PoolRead,
     Provider,
     PurchaseAccepted,
     PurchaseCreate,
@@ -98,6 +100,34 @@ async def get_user_quota(
 ) -> QuotaRead:
     view = await _service(request).get_quota(principal, USER_POOL, user_id, provider)
     return _user_quota(view)
+
+
+@router.get("/quotas", tags=["quota"])
+async def list_quotas(
+    request: Request,
+    principal: CurrentPrincipal,
+    page: PageParams,
+    user_id: Annotated[uuid.UUID | None, Query(alias="userId")] = None,
+    org_id: Annotated[uuid.UUID | None, Query(alias="orgId")] = None,
+) -> Page[PoolRead]:
+    """The pools the caller may read: a USER's own and their organisations'; an ADMIN's pick
+    (`userId`, `orgId`), else every pool. Users' pools first, then organisations'."""
+    views, total = await _service(request).list_quotas(
+        principal, page, user_id=user_id, org_id=org_id
+    )
+    items = [
+        PoolRead(
+            kind=v.kind,
+            owner_id=v.owner_id,
+            provider=v.provider,
+            total_tokens=v.total_tokens,
+            remaining_tokens=v.remaining_tokens,
+            reset_at=v.reset_at,
+            updated_at=v.updated_at,
+        )
+        for v in views
+    ]
+    return Page[PoolRead].model_validate(page_of(items, page, total))
 
 
 @router.get("/quota/org", tags=["quota"])
@@ -239,11 +269,35 @@ async def get_purchase_events(
 
 @router.get("/purchases", tags=["purchases"])
 async def list_purchases(
-    request: Request, principal: CurrentPrincipal, page: PageParams
+    request: Request,
+    principal: CurrentPrincipal,
+    page: PageParams,
+    user_id: Annotated[
+        uuid.UUID | None, Query(alias="userId", description="ADMIN: one user's; USER: own only")
+    ] = None,
 ) -> Page[PurchaseRead]:
-    sagas, total = await _purchases(request).list_purchases(principal, page)
+    """Sagas, newest first: a USER's own; an ADMIN everyone's, or one `userId`'s."""
+    sagas, total = await _purchases(request).list_purchases(principal, page, user_id)
     return Page[PurchaseRead].model_validate(
         page_of([_purchase_read(s) for s in sagas], page, total)
+    )
+
+
+@router.get("/admin/outbox", tags=["admin"])
+async def outbox_backlog(request: Request, principal: CurrentPrincipal) -> OutboxBacklogRead:
+    """ADMIN: events written but not yet taken by the transport to analytics (the figures of
+    `tokens_outbox_backlog_events` and `tokens_outbox_oldest_unpublished_age_seconds`)."""
+    service = _service(request)
+    backlog = await service.outbox_backlog(principal)
+    now = service.clock.now()
+    oldest = backlog.oldest_created_at
+    return OutboxBacklogRead(
+        unpublished=backlog.unpublished,
+        oldest_unpublished_at=oldest,
+        oldest_unpublished_age_seconds=(
+            round(max(0.0, (now - oldest).total_seconds()), 3) if oldest else 0.0
+        ),
+        measured_at=now,
     )
 
 

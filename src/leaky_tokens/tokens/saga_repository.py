@@ -54,14 +54,16 @@ class SagaRepository:
         return rows.scalar_one_or_none()
 
     async def page_of_user(
-        self, user_id: uuid.UUID, offset: int, limit: int
+        self, user_id: uuid.UUID | None, offset: int, limit: int
     ) -> tuple[Sequence[PurchaseSaga], int]:
+        """One user's sagas, or everyone's (None), newest first."""
+        clauses = [] if user_id is None else [PurchaseSaga.user_id == user_id]
         total = await self.session.scalar(
-            select(func.count()).select_from(PurchaseSaga).where(PurchaseSaga.user_id == user_id)
+            select(func.count()).select_from(PurchaseSaga).where(*clauses)
         )
         rows = await self.session.execute(
             select(PurchaseSaga)
-            .where(PurchaseSaga.user_id == user_id)
+            .where(*clauses)
             .order_by(PurchaseSaga.created_at.desc(), PurchaseSaga.id)
             .offset(offset)
             .limit(limit)

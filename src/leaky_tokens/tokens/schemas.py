@@ -70,6 +70,26 @@ class OrgQuotaRead(ApiModel):
     credit_tokens: int = Field(description=_CREDIT)
 
 
+class PoolRead(ApiModel):
+    """A quota pool in a listing: a user's (`kind` "user", `ownerId` the user) or an
+    organisation's (`kind` "org")."""
+
+    kind: str
+    owner_id: uuid.UUID
+    provider: str
+    total_tokens: int
+    remaining_tokens: int
+    reset_at: datetime
+    updated_at: datetime
+
+
+class OutboxBacklogRead(ApiModel):
+    unpublished: int  # events not yet taken by the transport
+    oldest_unpublished_at: datetime | None
+    oldest_unpublished_age_seconds: float
+    measured_at: datetime
+
+
 class _QuotaSet(RequestModel):
     """Sets the periodic allowance (purchased credit is left as it is)."""
 

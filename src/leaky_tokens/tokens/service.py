@@ -22,6 +22,7 @@ from leaky_tokens.settings import PROVIDERS, TokensSettings
 from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.errors import Forbidden, ServiceUnavailable
+from leaky_tokens.shared.pagination import PageRequest
 from leaky_tokens.shared.principal import Principal
 from leaky_tokens.tokens.errors import (
     InsufficientQuota,
@@ -34,6 +35,7 @@ from leaky_tokens.tokens.errors import (
 from leaky_tokens.tokens.leaky_bucket import BucketConfig, BucketDecision, LeakyBucketStore
 from leaky_tokens.tokens.models import TokenPool
 from leaky_tokens.tokens.outbox import usage_event
+from leaky_tokens.tokens.outbox_repository import Backlog, OutboxRepository
 from leaky_tokens.tokens.provider_client import ProviderCallFailed, ProviderClient
 from leaky_tokens.tokens.repository import QuotaLedger, SettledReservation, TokensRepository
 
@@ -157,6 +159,43 @@ class TokenService:
         if pool is None:
             raise QuotaNotFound()
         return self._view(pool)
+
+    async def list_quotas(
+        self,
+        principal: Principal,
+        page: PageRequest,
+        *,
+        user_id: uuid.UUID | None = None,
+        org_id: uuid.UUID | None = None,
+    ) -> tuple[list[QuotaView], int]:
+        """The pools the caller may read: a USER's own and their organisations' (narrowed by
+        `user_id` / `org_id`, each of which must be theirs); an ADMIN's pick, else every pool."""
+        if user_id is not None:
+            self.authorise_user(principal, user_id)
+        if org_id is not None:
+            self.authorise_org(principal, org_id)
+        owners: list[tuple[str, uuid.UUID]] | None
+        if user_id is not None or org_id is not None:
+            owners = [(USER_POOL, user_id)] if user_id is not None else []
+            if org_id is not None:
+                owners.append((ORG_POOL, org_id))
+        elif principal.is_admin:
+            owners = None
+        else:
+            owners = [(USER_POOL, principal.user_id)]
+            owners += [(ORG_POOL, org) for org in sorted(principal.org_ids)]
+        async with self.db.read() as session:
+            pools, total = await TokensRepository(session).pools_page(
+                owners, page.offset, page.page_size
+            )
+        return [self._view(pool) for pool in pools], total
+
+    async def outbox_backlog(self, principal: Principal) -> Backlog:
+        """ADMIN: the usage and purchase events not yet handed to analytics' transport."""
+        if not principal.is_admin:
+            raise Forbidden("only an ADMIN may read the event pipeline's state")
+        async with self.db.read() as session:
+            return await OutboxRepository(session).backlog()
 
     async def set_quota(
         self,
