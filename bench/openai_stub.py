@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Body, FastAPI
 from fastapi.responses import StreamingResponse
 
-from leaky_tokens.providers.usage import count_prompt_tokens, count_tokens
+from leaky_tokens.shared.tokenizer import count_messages, count_text
 
 if TYPE_CHECKING:
     from leaky_tokens.settings import Settings
@@ -46,8 +46,9 @@ def main_stub_offers_chat_completions() -> bool:
 
 
 def _usage(body: dict[str, Any]) -> dict[str, int]:
-    prompt = count_prompt_tokens(body.get("messages", []))
-    completion = count_tokens(REPLY)
+    model = str(body.get("model", ""))
+    prompt = count_messages("openai", model, body.get("messages", []))
+    completion = count_text("openai", model, REPLY)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
