@@ -232,12 +232,12 @@ class Database:
         """One unit of work that may write: commits when the block ends, rolls back on error."""
         if self._sync_write_engine is not None:
             async with self._inline_write() as sync_conn:
-                session = Session(bind=sync_conn, expire_on_commit=False)
+                sync_session = Session(bind=sync_conn, expire_on_commit=False)
                 try:
-                    yield cast(AsyncSession, InlineSession(session))
-                    session.flush()
+                    yield cast(AsyncSession, InlineSession(sync_session))
+                    sync_session.flush()
                 finally:
-                    session.close()
+                    sync_session.close()
             return
         try:
             if self._write_lock is None:
