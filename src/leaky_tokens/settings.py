@@ -139,6 +139,12 @@ class EventsSettings(BaseModel):
     stream_maxlen: int = Field(1_000_000, ge=1000)
     consumer_group: str = Field("analytics", min_length=1)
     reclaim_idle_seconds: float = Field(30.0, gt=0)
+    # The outbox sweeper (token service): published rows older than the retention are purged
+    # in batches of at most outbox_sweep_batch rows, one short transaction each.
+    outbox_sweep_enabled: bool = True
+    outbox_retention_seconds: float = Field(86_400.0, ge=0)
+    outbox_sweep_batch: int = Field(1000, ge=1, le=10_000)
+    outbox_sweep_every_seconds: float = Field(30.0, gt=0)
 
 
 class RouteLimit(BaseModel):
