@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from leaky_tokens import __version__
+from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.http import EnvelopeMiddleware, HttpMetrics, install_error_handlers
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -24,6 +25,7 @@ def build_service_app(
     lifespan: Lifespan | None = None,
     log_access: bool = True,
     description: str = "",
+    clock: Clock | None = None,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
     app = FastAPI(
@@ -45,7 +47,9 @@ def build_service_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
-    app.add_middleware(EnvelopeMiddleware, service=service, metrics=metrics, log_access=log_access)
+    app.add_middleware(
+        EnvelopeMiddleware, service=service, metrics=metrics, log_access=log_access, clock=clock
+    )
     return app
 
 

@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol, cast
 
 from sqlalchemy import DateTime, create_engine, event
@@ -21,6 +20,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+from leaky_tokens.shared.private_files import private_sqlite_file
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -138,8 +139,9 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             database = make_url(self.url).database
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            if database and database != ":memory:" and not database.startswith("file:"):
+                # Readable by our own user only, WAL and SHM included (they copy its mode).
+                private_sqlite_file(database)
             # aiosqlite runs each connection on its own thread; a small pool bounds writers.
             kwargs["pool_size"] = 5
             kwargs["max_overflow"] = 0

@@ -150,4 +150,5 @@ def create_tokens_app(
         routers=[router],
         lifespan=lifespan,
         log_access=settings.access_log,
+        clock=clock,
     )
