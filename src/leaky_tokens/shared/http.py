@@ -247,9 +247,14 @@ class EnvelopeMiddleware:
             await self.app(scope, receive_limited, send_wrapper)
         except _BodyTooLarge:
             if not response_started:
-                await error_response(413, "PAYLOAD_TOO_LARGE", "request body too large")(
-                    scope, receive, send_wrapper
-                )
+                # Closing the connection is what stops the rest of the body from being read
+                # (and discarded) by the server: a refused body is never drained.
+                await error_response(
+                    413,
+                    "PAYLOAD_TOO_LARGE",
+                    "request body too large",
+                    headers={"Connection": "close"},
+                )(scope, receive, send_wrapper)
         except Exception:
             error_log.exception("unhandled error", extra={"service": self.service})
             if not response_started:
