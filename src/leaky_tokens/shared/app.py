@@ -12,7 +12,12 @@ from starlette.responses import Response
 
 from leaky_tokens import __version__
 from leaky_tokens.shared.clock import Clock
-from leaky_tokens.shared.http import EnvelopeMiddleware, HttpMetrics, install_error_handlers
+from leaky_tokens.shared.http import (
+    EnvelopeMiddleware,
+    Face,
+    HttpMetrics,
+    install_error_handlers,
+)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -26,8 +31,11 @@ def build_service_app(
     log_access: bool = True,
     description: str = "",
     clock: Clock | None = None,
+    faces: Callable[[str], Face] | None = None,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
+    """`faces`: which API face each path belongs to (shared/http.py `face_of`), for services
+    that serve more than the plan's; None renders every error in the plan's shape."""
     app = FastAPI(
         title=title,
         version=__version__,
@@ -48,7 +56,12 @@ def build_service_app(
 
     app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
     app.add_middleware(
-        EnvelopeMiddleware, service=service, metrics=metrics, log_access=log_access, clock=clock
+        EnvelopeMiddleware,
+        service=service,
+        metrics=metrics,
+        log_access=log_access,
+        clock=clock,
+        faces=faces,
     )
     return app
 
