@@ -87,7 +87,6 @@ async def test_an_outage_mid_load_costs_each_request_one_timeout_and_heals_itsel
         Load(gw) as load,
     ):
         await answered_after(load, 0, 16)
-        assert fallbacks(gw) == 0
         await proxy.set(outage)  # type: ignore[arg-type]
         during = len(load.answers)
         await answered_after(load, during, 40)

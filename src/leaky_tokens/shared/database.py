@@ -16,7 +16,6 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol, cast
 
 from sqlalchemy import DateTime, create_engine, event
@@ -32,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from leaky_tokens.shared.errors import ServiceUnavailable
+from leaky_tokens.shared.private_files import private_sqlite_file
 
 # How long a writer waits for SQLite's write lock before DatabaseBusy.
 SQLITE_BUSY_SECONDS = 5.0
@@ -180,8 +180,9 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             database = make_url(self.url).database
-            if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            if database and database != ":memory:" and not database.startswith("file:"):
+                # Readable by our own user only, WAL and SHM included (they copy its mode).
+                private_sqlite_file(database)
             # aiosqlite runs each connection on its own thread; a small pool bounds writers.
             kwargs["pool_size"] = 5
             kwargs["max_overflow"] = 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import uuid
 from typing import Annotated, Any
 
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from leaky_tokens.shared.authn import CurrentPrincipal
 from leaky_tokens.shared.errors import ServiceUnavailable
-from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER, InvalidInternalToken
+from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER, check_internal_token
 from leaky_tokens.shared.pagination import Page, PageParams, page_of
 from leaky_tokens.shared.request_context import current_request_id
 from leaky_tokens.tokens.flags import FlagState
@@ -334,10 +333,8 @@ internal_router = APIRouter(prefix="/internal", include_in_schema=False)
 
 
 def _internal_only(request: Request) -> None:
-    offered = request.headers.get(INTERNAL_TOKEN_HEADER)
     expected: str = request.app.state.internal_token
-    if offered is None or not hmac.compare_digest(offered.encode(), expected.encode()):
-        raise InvalidInternalToken()
+    check_internal_token(expected.encode(), request.headers.get(INTERNAL_TOKEN_HEADER))
 
 
 @internal_router.put("/quota", dependencies=[Depends(_internal_only)])
