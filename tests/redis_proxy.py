@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 State = Literal["up", "black hole", "down"]
@@ -122,3 +122,44 @@ async def redis_proxy(redis_url: str) -> AsyncIterator[RedisProxy]:
         yield proxy
     finally:
         await proxy.aclose()
+
+
+class ThreadedRedisProxy:
+    """A RedisProxy on its own event loop in a thread, for synchronous tests (e2e) whose
+    services run in another process."""
+
+    def __init__(self, redis_url: str) -> None:
+        import threading
+
+        self._redis_url = redis_url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._proxy: RedisProxy | None = None
+
+    def __enter__(self) -> ThreadedRedisProxy:
+        self._thread.start()
+        parts = urlsplit(self._redis_url)
+        self._proxy = RedisProxy(
+            parts.hostname or "127.0.0.1", parts.port or 6379, parts.path or "/0"
+        )
+        self._run(self._proxy.start())
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self._proxy is not None
+        return self._proxy.url
+
+    def set(self, state: State) -> None:
+        assert self._proxy is not None
+        self._run(self._proxy.set(state))
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(30)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._proxy is not None
+        self._run(self._proxy.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
