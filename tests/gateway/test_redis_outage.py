@@ -8,6 +8,7 @@ Redis is reached through tests/redis_proxy.py, so the shared test Redis is never
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import AsyncIterator
 
@@ -24,9 +25,18 @@ REDIS = {
     "command_timeout_seconds": TIMEOUT,
     "fail_fast_seconds": 0.5,
 }
-# Load runs with 8 concurrent callers; one request's worst case is a timeout or two (connect,
-# command) plus the gateway's own work on a loaded 2-core machine.
-WORST_ANSWER_SECONDS = 6 * TIMEOUT + 2.0
+# A request in an outage waits at most about one Redis timeout, and once the outage is known
+# most decisions are made at once (fail fast) instead of queueing behind a reconnect (defect 2:
+# four concurrent requests finished after 2, 4, 6 and 8 s). What is asserted is that shape, not
+# a tight bound a loaded machine could break: the median outage answer within one timeout,
+# and no answer beyond a generous ceiling.
+STALL_CEILING_SECONDS = 15.0
+
+
+def assert_no_stall(seconds: list[float]) -> None:
+    assert seconds, "no answers during the outage"
+    assert statistics.median(seconds) < TIMEOUT, sorted(seconds)
+    assert max(seconds) < STALL_CEILING_SECONDS, sorted(seconds)
 
 
 @pytest.fixture
@@ -102,9 +112,9 @@ async def test_an_outage_mid_load_costs_each_request_one_timeout_and_heals_itsel
 
         await eventually(decided_in_redis, within=20, what="limits decided in Redis again")
 
-    for seconds, response in load.since(during):
+    for _, response in load.since(during):
         assert response.status_code == 200, response.text  # per-process limits meanwhile
-        assert seconds < WORST_ANSWER_SECONDS, seconds
+    assert_no_stall([seconds for seconds, _ in load.answers[during:back]])
     assert fallbacks(gw) > 0
     assert all(r.status_code == 200 for _, r in load.since(back))
 
@@ -129,7 +139,7 @@ async def test_concurrent_requests_in_a_black_hole_do_not_queue_behind_each_othe
 
     assert [a.status_code for a in answers] == [200] * 8
     # One after the other they would take 8 timeouts or more.
-    assert elapsed < WORST_ANSWER_SECONDS
+    assert elapsed < 8 * TIMEOUT
 
 
 async def test_failing_closed_is_503_in_our_shape_never_500_and_heals(proxy: RedisProxy) -> None:
