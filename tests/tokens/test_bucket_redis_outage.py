@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,16 +32,10 @@ from leaky_tokens.tokens.provider_client import ProviderClient
 from leaky_tokens.tokens.service import USER_POOL, ConsumeRequest, TokenService
 from tests.httpx_outbound import HttpxOutbound
 from tests.polling import eventually
-from tests.redis_proxy import RedisProxy, redis_proxy
+from tests.redis_proxy import RedisProxy, assert_no_stall, redis_proxy
 from tests.tokens.conftest import STUB_TOKEN, HostRouter, admin, make_settings, user
 
 TIMEOUT = 0.5
-# A request in an outage waits at most about one Redis timeout, and once the outage is known
-# most decisions are made at once (fail fast) instead of queueing behind a reconnect (defect 2:
-# four concurrent requests finished after 2, 4, 6 and 8 s). What is asserted is that shape, not
-# a tight bound a loaded machine could break: the median outage answer within one timeout,
-# and no answer beyond a generous ceiling.
-STALL_CEILING_SECONDS = 15.0
 
 
 @dataclass
@@ -105,12 +98,6 @@ async def service_behind(
         await buckets.close()
         await client.aclose()
         await database.dispose()
-
-
-def assert_no_stall(seconds: list[float]) -> None:
-    assert seconds, "no answers during the outage"
-    assert statistics.median(seconds) < TIMEOUT, sorted(seconds)
-    assert max(seconds) < STALL_CEILING_SECONDS, sorted(seconds)
 
 
 @pytest.fixture
@@ -191,7 +178,7 @@ async def test_consumes_during_a_redis_outage_are_bounded_charged_once_and_heal(
         ).remaining_tokens
 
     outage_outcomes = load.outcomes[during:]
-    assert_no_stall([o.seconds for o in outage_outcomes])
+    assert_no_stall([o.seconds for o in outage_outcomes], TIMEOUT)
     for outcome in outage_outcomes:
         if outcome.error is not None:
             # failing closed: 503 in our shape, marked as an outage; never anything else
