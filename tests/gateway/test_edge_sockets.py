@@ -384,3 +384,24 @@ async def test_an_answer_with_a_length_streams_rather_than_being_buffered_whole(
     assert head.header("content-length") == str(size)
     assert first == b"a" * 1000
     assert rest == b"b" * (size - 1000)
+
+
+async def test_a_users_limit_spans_their_tokens_and_keys_together() -> None:
+    """Issue 10: more credentials give a user no more calls (a token and two keys here)."""
+    import uuid
+
+    user = uuid.uuid4()
+    async with gateway_on_a_port(rate_limit_requests=100, user_limit_requests=6) as (gw, url):
+        credentials = [
+            f"Authorization: Bearer {gw.auth.add_token(user_id=user)}",
+            f"X-Api-Key: {gw.auth.add_key(user_id=user)}",
+            # a key as the OpenAI SDKs send it
+            f"Authorization: Bearer {gw.auth.add_key(user_id=user)}",
+        ]
+        statuses = []
+        async with raw_client(url) as client:
+            for i in range(9):
+                await client.send(request("GET", "/api/v1/tokens/quota", credentials[i % 3]))
+                statuses.append((await client.answer()).status)
+
+    assert statuses == [200] * 6 + [429] * 3
