@@ -19,7 +19,6 @@ carries the rate-limit fields. Only the credential the edge checked goes upstrea
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from leaky_tokens.gateway.proxy import (
 from leaky_tokens.gateway.routing import RouteTable
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerState
+from leaky_tokens.shared.client_ip import TrustedProxies
 from leaky_tokens.shared.errors import (
     AppError,
     Forbidden,
@@ -124,7 +124,8 @@ class GatewayEdge:
         # Sent on to the provider stubs' fault switch (ADMIN-only here), which needs it.
         self._internal_token = internal_token.encode("latin-1")
         self.metrics = metrics
-        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        self._trusted = TrustedProxies(trusted_proxies)  # the one rule, shared with login
+        self._any_trusted = bool(trusted_proxies)
         self._labels: dict[str, RouteLabel] = {}
         self._unmatched = RouteLabel("unmatched")
         self._max_headers = max_headers
@@ -189,8 +190,12 @@ class GatewayEdge:
             await problem(scope, receive, send)
             return
         peer = scope["client"][0] if scope.get("client") else "unknown"
-        trusted_peer = bool(self._trusted) and self._is_trusted(peer)
-        client_ip = self._client_ip(peer, forwarded_for) if trusted_peer else peer
+        trusted_peer = self._any_trusted and self._trusted.trusts(peer)
+        client_ip = (
+            self._trusted.client_of(peer, [v.decode("latin-1") for v in forwarded_for])
+            if trusted_peer
+            else peer
+        )
 
         # The address's own limit comes before any credential is looked at: a flood of junk
         # credentials from one address costs the auth service nothing past this limit.
@@ -375,39 +380,6 @@ class GatewayEdge:
         if label is None:
             label = self._labels[path] = RouteLabel(path)
         return label
-
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            parsed = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(parsed in network for network in self._trusted)
-
-    def _client_ip(self, peer: str, forwarded_for: list[bytes]) -> str:
-        """The client a trusted proxy forwarded for: the nearest X-Forwarded-For hop that is not
-        one of our proxies (earlier hops are whatever the client chose to write)."""
-        hops = [h.strip() for v in forwarded_for for h in v.decode("latin-1").split(",")]
-        client = peer
-        for hop in reversed(hops):
-            address = _address_of(hop)
-            if address is None:
-                break
-            client = address
-            if not self._is_trusted(address):
-                break
-        return client
-
-
-def _address_of(hop: str) -> str | None:
-    """An IP from an X-Forwarded-For hop ("1.2.3.4", "1.2.3.4:5678", "[::1]:80", "::1")."""
-    if hop.startswith("["):
-        hop = hop[1:].partition("]")[0]
-    elif hop.count(":") == 1:
-        hop = hop.partition(":")[0]
-    try:
-        return str(ipaddress.ip_address(hop))
-    except ValueError:
-        return None
 
 
 def _upstream_headers(
