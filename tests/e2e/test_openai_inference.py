@@ -271,3 +271,63 @@ def test_a_revoked_key_fails_on_v1_within_a_second(
             time.sleep(0.02)
     assert refused_after is not None
     assert refused_after < 1.0, refused_after
+
+
+def test_a_key_made_for_an_org_charges_the_orgs_pool(
+    system: Stack, gateway: httpx.Client, admin: Account, tenant: Tenant
+) -> None:
+    created = gateway.post(
+        "/api/v1/auth/orgs", headers=tenant.account.bearer, json={"name": "inference-org"}
+    )
+    assert created.status_code == 201, created.text
+    org_id = created.json()["orgId"]
+    key = gateway.post(
+        "/api/v1/auth/api-keys",
+        headers=tenant.account.bearer,
+        json={"userId": tenant.account.user_id, "name": "org-sdk", "orgId": org_id},
+    )
+    assert key.status_code == 201, key.text
+    assert key.json()["orgId"] == org_id
+    pool = gateway.put(
+        "/api/v1/tokens/quota/org",
+        headers=admin.bearer,
+        json={"orgId": org_id, "provider": "openai", "totalTokens": 5_000},
+    )
+    assert pool.status_code == 200, pool.text
+
+    client = openai.OpenAI(base_url=system.url("gateway") + "/v1", api_key=key.json()["rawKey"])
+    completion = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=20)
+    assert completion.usage is not None
+    org_pool = gateway.get(
+        "/api/v1/tokens/quota/org",
+        params={"orgId": org_id, "provider": "openai"},
+        # (the JWT predates the org; an API key sees membership at once)
+        headers={"X-Api-Key": key.json()["rawKey"]},
+    )
+    assert org_pool.status_code == 200, org_pool.text
+    assert org_pool.json()["remainingTokens"] == 5_000 - completion.usage.total_tokens
+    assert tenant.remaining("openai") == 100_000  # the user's own pool is not touched
+
+    stranger = register(gateway, "stranger")
+    refused = gateway.post(
+        "/api/v1/auth/api-keys",
+        headers=stranger.bearer,
+        json={"userId": stranger.user_id, "name": "not-mine", "orgId": org_id},
+    )
+    assert refused.status_code == 404, refused.text
+
+
+def test_nothing_reaches_a_provider_unmetered_through_the_gateway(
+    gateway: httpx.Client, tenant: Tenant, admin: Account
+) -> None:
+    user = {"X-Api-Key": tenant.key["rawKey"]}
+    chat = gateway.post("/api/v1/openai/chat", headers=user, json={"prompt": "free tokens?"})
+    assert chat.status_code == 403, chat.text
+    assert chat.json()["code"] == "FORBIDDEN"
+    faults = gateway.put("/api/v1/openai/faults", headers=user, json={"failureRate": 1.0})
+    assert faults.status_code == 403
+    assert gateway.get("/api/v1/openai/health").status_code == 200  # health stays public
+    as_admin = gateway.post(
+        "/api/v1/openai/chat", headers=admin.bearer, json={"prompt": "an operator's check"}
+    )
+    assert as_admin.status_code == 200, as_admin.text

@@ -229,7 +229,10 @@ class GatewayEdge:
                         headers={"WWW-Authenticate": 'Bearer, ApiKey header="X-Api-Key"'},
                     )
                 elif route.admin_only and not principal.is_admin:
-                    refusal = Forbidden("only an ADMIN may use the provider fault switch")
+                    refusal = Forbidden(
+                        "the raw provider routes are for ADMINs; call the metered "
+                        "/v1/chat/completions instead"
+                    )
             if refusal is not None:
                 self.metrics.refused.labels(refusal.code).inc()
                 await _render(refusal, limits)(scope, receive, send)
@@ -248,7 +251,7 @@ class GatewayEdge:
             ),
             host=host,
         )
-        if route.admin_only and self._internal_token:
+        if route.fault_switch and self._internal_token:
             headers = [h for h in headers if h[0] != b"x-internal-token"]
             headers.append((b"x-internal-token", self._internal_token))
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in limits.items()]

@@ -204,7 +204,7 @@ class InferenceService:
 
     def _pool_of(self, principal: Principal) -> tuple[str, uuid.UUID, uuid.UUID | None]:
         """(kind, owner, org id) of the pool a call charges: the org's for an org's API key."""
-        org_id = getattr(principal, "key_org_id", None)
+        org_id = principal.key_org_id
         if org_id is not None:
             if not principal.may_act_for_org(org_id):
                 raise Forbidden("this API key's organisation no longer includes you")
