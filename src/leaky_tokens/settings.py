@@ -70,6 +70,24 @@ class AuthSettings(BaseModel):
     login_max_failures_per_account: int = Field(5, ge=1)
     login_max_failures_per_client: int = Field(20, ge=1)
     login_failure_window_seconds: int = Field(900, ge=1)
+    # Active (neither revoked nor expired) API keys one user may hold at once.
+    max_active_api_keys_per_user: int = Field(10, ge=1, le=10_000)
+    # Signing keys are stored encrypted (PKCS#8, the `cryptography` library's best available
+    # scheme) under this passphrase, or the first line of this file, when either is given.
+    signing_key_passphrase: SecretStr = SecretStr("")
+    signing_key_passphrase_file: Path | None = None
+
+    def signing_passphrase(self) -> bytes | None:
+        """The passphrase the signing keys are encrypted under, if one is configured."""
+        if self.signing_key_passphrase.get_secret_value():
+            return self.signing_key_passphrase.get_secret_value().encode()
+        if self.signing_key_passphrase_file is not None:
+            lines = self.signing_key_passphrase_file.read_text().splitlines()
+            secret = lines[0].strip() if lines else ""
+            if not secret:
+                raise ValueError(f"{self.signing_key_passphrase_file} holds no passphrase")
+            return secret.encode()
+        return None
 
 
 class AuthClientSettings(BaseModel):
@@ -103,6 +121,10 @@ class TokensSettings(BaseModel):
     breaker_open_seconds: float = Field(30.0, gt=0)
     # Purchases (the saga)
     max_purchase_tokens: int = Field(10_000_000, ge=1)
+    # Per user per UTC day, checked before a purchase reaches the payment adapter (purchases
+    # that ended FAILED do not count).
+    max_purchases_per_user_per_day: int = Field(100, ge=1)
+    max_purchase_tokens_per_user_per_day: int = Field(10_000_000, ge=1)
     flags: dict[str, bool] = Field(
         default_factory=dict,
         description='Feature flags applied at start-up, e.g. {"saga.simulate-failure": true}',
@@ -224,6 +246,12 @@ class EventsSettings(BaseModel):
     stream_maxlen: int = Field(1_000_000, ge=1000)
     consumer_group: str = Field("analytics", min_length=1)
     reclaim_idle_seconds: float = Field(30.0, gt=0)
+    # The outbox sweeper (token service): published rows older than the retention are purged
+    # in batches of at most outbox_sweep_batch rows, one short transaction each.
+    outbox_sweep_enabled: bool = True
+    outbox_retention_seconds: float = Field(86_400.0, ge=0)
+    outbox_sweep_batch: int = Field(1000, ge=1, le=10_000)
+    outbox_sweep_every_seconds: float = Field(30.0, gt=0)
 
 
 class RouteLimit(BaseModel):
@@ -304,8 +332,6 @@ class GatewaySettings(BaseModel):
     negative_cache_seconds: float = Field(5.0, ge=0, le=300)
     route_limits: list[RouteLimit] = []
     rate_limit_key_prefix: str = Field("lt:gw:", min_length=1)  # Redis keys
-    # Peers (IPs or CIDRs) whose X-Forwarded-For is believed; by default nobody's.
-    trusted_proxies: list[str] = []
     public_routes: list[str] = list(DEFAULT_PUBLIC_ROUTES)
     # Circuit breaker per upstream: connection errors, timeouts and 503s marked as the
     # upstream's own outage (X-Service-Outage) count as failures.
@@ -320,13 +346,6 @@ class GatewaySettings(BaseModel):
         if self.breaker_minimum_calls > self.breaker_window_size:
             raise ValueError("breaker_minimum_calls must not exceed breaker_window_size")
         return self
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            ipaddress.ip_network(entry, strict=False)  # ValueError names the bad entry
-        return value
 
     @field_validator("public_routes")
     @classmethod
@@ -376,6 +395,10 @@ class Settings(BaseSettings):
     admin_username: str = ""
     admin_password: str = ""
     admin_email: str = ""
+    # Peers (IPs or CIDRs) whose X-Forwarded-For is believed, by the gateway for its clients'
+    # addresses and by the auth service's login throttle: the gateway and any load balancer in
+    # front. The default believes loopback only (the all-in-one gateway calls auth from there).
+    trusted_proxies: list[str] = ["127.0.0.0/8", "::1/128"]
     ports: Ports = Ports()
     urls: Urls = Urls()
     auth: AuthSettings = AuthSettings()
@@ -387,6 +410,13 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     stubs: StubSettings = StubSettings()
     redis: RedisSettings = RedisSettings()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # ValueError names the bad entry
+        return value
 
     @field_validator("redis_url")
     @classmethod

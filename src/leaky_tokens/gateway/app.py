@@ -168,12 +168,13 @@ def create_gateway_app(
         routers=[router],
         lifespan=lifespan,
         log_access=settings.access_log,
+        clock=clock,
         faces=face_of,
     )
     edge = GatewayEdge(
         RouteTable(gateway),
         GatewayMetrics(app.state.metrics.registry),
-        trusted_proxies=gateway.trusted_proxies,
+        trusted_proxies=settings.trusted_proxies,
         max_headers=gateway.max_headers,
         max_header_bytes=gateway.max_header_bytes,
         address_limiter=MemoryFixedWindowLimiter(clock),

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from leaky_tokens import __version__
+from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.http import (
     EnvelopeMiddleware,
     Face,
@@ -29,6 +30,7 @@ def build_service_app(
     lifespan: Lifespan | None = None,
     log_access: bool = True,
     description: str = "",
+    clock: Clock | None = None,
     faces: Callable[[str], Face] | None = None,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
@@ -54,7 +56,12 @@ def build_service_app(
 
     app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
     app.add_middleware(
-        EnvelopeMiddleware, service=service, metrics=metrics, log_access=log_access, faces=faces
+        EnvelopeMiddleware,
+        service=service,
+        metrics=metrics,
+        log_access=log_access,
+        clock=clock,
+        faces=faces,
     )
     return app
 

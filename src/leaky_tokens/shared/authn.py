@@ -35,6 +35,7 @@ from leaky_tokens.shared.errors import (
     RevokedApiKey,
     ServiceUnavailable,
 )
+from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER
 from leaky_tokens.shared.jwt_verify import (
     decode_token,
     principal_from_claims,
@@ -134,6 +135,7 @@ class RemoteAuthenticator:
         clock: Clock | None = None,
         revocation_poll_seconds: float | None = None,
         redis_url: str = "",
+        internal_token: str = "",
     ) -> None:
         """`revocation_poll_seconds` set: follow the revocation feed (and, with `redis_url`,
         the pub/sub channel); None: cached key answers simply expire after their time."""
@@ -150,6 +152,8 @@ class RemoteAuthenticator:
         self._key_ttl = api_key_cache_seconds
         self._poll = revocation_poll_seconds
         self._redis_url = redis_url
+        # The feed is internal: it is read with the shared internal token.
+        self._feed_headers = {INTERNAL_TOKEN_HEADER: internal_token} if internal_token else {}
         self._cursor = 0
         self._follower: asyncio.Task[None] | None = None
         self._follow_lock = asyncio.Lock()
@@ -324,7 +328,10 @@ class RemoteAuthenticator:
             params["wait"] = wait
         try:
             response = await self._get(
-                REVOCATION_FEED, params=params, timeout_seconds=self._timeout + wait
+                REVOCATION_FEED,
+                headers=self._feed_headers,
+                params=params,
+                timeout_seconds=self._timeout + wait,
             )
             if response.status != 200:
                 raise ValueError(f"the feed answered {response.status}")

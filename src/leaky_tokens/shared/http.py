@@ -25,13 +25,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from leaky_tokens.shared.clock import SystemClock, utc_iso
+from leaky_tokens.shared.clock import Clock, SystemClock, utc_iso
 from leaky_tokens.shared.errors import AppError
 from leaky_tokens.shared.request_context import current_request_id, new_request_id, set_request_id
 
 access_log = logging.getLogger("leaky_tokens.access")
 error_log = logging.getLogger("leaky_tokens.error")
-_clock = SystemClock()
+# The answering app's clock (EnvelopeMiddleware sets it per request), so error timestamps follow
+# an injected clock as everything else does.
+_clock: ContextVar[Clock | None] = ContextVar("leaky_tokens_clock", default=None)
+_SYSTEM_CLOCK = SystemClock()  # outside any request (no app has said which clock it runs on)
 
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),
@@ -81,7 +84,7 @@ def error_body(
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "message": message,
-        "timestamp": utc_iso(_clock.now()),
+        "timestamp": utc_iso((_clock.get() or _SYSTEM_CLOCK).now()),
         "code": code,
         "requestId": current_request_id(),
     }
@@ -291,9 +294,11 @@ class EnvelopeMiddleware:
         metrics: HttpMetrics,
         log_access: bool = True,
         max_body_bytes: int = MAX_BODY_BYTES,
+        clock: Clock | None = None,
         faces: Callable[[str], Face] | None = None,
     ) -> None:
         self.app = app
+        self.clock = clock or SystemClock()
         self.faces = faces
         self.service = service
         self.metrics = metrics
@@ -317,6 +322,7 @@ class EnvelopeMiddleware:
                     content_length = -1
         request_id = new_request_id(offered)
         set_request_id(request_id)
+        _clock.set(self.clock)
         _face.set(self.faces(scope["path"]) if self.faces is not None else "plan")
         rid_header = (b"x-request-id", request_id.encode("latin-1"))
         status_holder = [500]
@@ -351,9 +357,14 @@ class EnvelopeMiddleware:
             await self.app(scope, receive_limited, send_wrapper)
         except _BodyTooLarge:
             if not response_started:
-                await error_response(413, "PAYLOAD_TOO_LARGE", "request body too large")(
-                    scope, receive, send_wrapper
-                )
+                # Closing the connection is what stops the rest of the body from being read
+                # (and discarded) by the server: a refused body is never drained.
+                await error_response(
+                    413,
+                    "PAYLOAD_TOO_LARGE",
+                    "request body too large",
+                    headers={"Connection": "close"},
+                )(scope, receive, send_wrapper)
         except Exception:
             error_log.exception("unhandled error", extra={"service": self.service})
             if not response_started:

@@ -25,7 +25,8 @@ from leaky_tokens.tokens.inference.router import router as inference_router
 from leaky_tokens.tokens.inference.service import InferenceService
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
-from leaky_tokens.tokens.outbox_relay import start_outbox_relay
+from leaky_tokens.tokens.outbox_relay import outbox_metrics, start_outbox_relay
+from leaky_tokens.tokens.outbox_sweeper import OutboxSweeper, SweeperConfig
 from leaky_tokens.tokens.payments import StubPaymentGateway
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
 from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator, StepObserver
@@ -121,6 +122,19 @@ def create_tokens_app(
         # outbox -> analytics (issue 5)
         metrics_registry = app.state.metrics.registry
         relay = await start_outbox_relay(settings, database, metrics_registry, clock=clock)
+        events = settings.events
+        sweeper = OutboxSweeper(
+            database,
+            config=SweeperConfig(
+                retention_seconds=events.outbox_retention_seconds,
+                batch=events.outbox_sweep_batch,
+                every_seconds=events.outbox_sweep_every_seconds,
+            ),
+            clock=the_clock,
+            metrics=outbox_metrics(metrics_registry),
+        )
+        if events.outbox_sweep_enabled:
+            background.append(asyncio.create_task(sweeper.run(), name="outbox-sweeper"))
         try:
             yield
         finally:
@@ -149,5 +163,6 @@ def create_tokens_app(
         routers=[router, inference_router],
         lifespan=lifespan,
         log_access=settings.access_log,
+        clock=clock,
         faces=face_of,
     )
