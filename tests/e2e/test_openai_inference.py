@@ -98,14 +98,29 @@ class Tenant:
         return value
 
     def client(self, system: Stack, **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=system.url("gateway") + "/v1", api_key=self.key["rawKey"], **kwargs
-        )
+        return sdk(system.url("gateway") + "/v1", self.key["rawKey"], **kwargs)
 
 
 @pytest.fixture
 def tenant(gateway: httpx.Client, admin: Account) -> Tenant:
     return Tenant(gateway, admin)
+
+
+# Every SDK client a test opens, closed after it (a leaked socket is a ResourceWarning error).
+_OPENED: list[openai.OpenAI | httpx.Client] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def sdk(base_url: str, api_key: str, **kwargs: Any) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, **kwargs)
+    _OPENED.append(client)
+    return client
 
 
 def test_models_lists_the_catalogue_with_each_provider_as_owner(
@@ -139,7 +154,13 @@ def test_a_plain_completion_is_charged_exactly_the_reported_usage(
     assert completion.usage.completion_tokens > 0
     assert before - tenant.remaining(provider) == completion.usage.total_tokens
     assert raw.headers["x-request-id"]
+    # OpenAI's rate-limit headers: requests from the gateway's window, tokens from the bucket
+    assert int(raw.headers["x-ratelimit-limit-requests"]) == 100_000
+    assert int(raw.headers["x-ratelimit-remaining-requests"]) < 100_000
     assert int(raw.headers["x-ratelimit-limit-tokens"]) > 0
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) >= 0
+    assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert raw.headers["x-ratelimit-reset-tokens"].endswith("s")
 
 
 @pytest.mark.parametrize("provider", list(MODELS))
@@ -202,9 +223,7 @@ def test_bad_requests_raise_the_sdks_exceptions(system: Stack, tenant: Tenant) -
         client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=0)
     assert bad_cap.value.param == "max_tokens"
 
-    wrong_key = openai.OpenAI(
-        base_url=system.url("gateway") + "/v1", api_key=f"leaky_{uuid.uuid4()}_{'0' * 48}"
-    )
+    wrong_key = sdk(system.url("gateway") + "/v1", f"leaky_{uuid.uuid4()}_{'0' * 48}")
     with pytest.raises(openai.AuthenticationError) as refused:
         wrong_key.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert refused.value.code == "invalid_api_key"
@@ -217,6 +236,7 @@ def test_exhausted_quota_is_a_rate_limit_error_the_sdk_does_not_retry(
     tenant = Tenant(gateway, admin, tokens=10)  # less than a prompt and a minimum answer
     attempts: list[httpx.Request] = []
     counting = httpx.Client(event_hooks={"request": [attempts.append]})
+    _OPENED.append(counting)
     client = tenant.client(system, max_retries=2, http_client=counting)
     with pytest.raises(openai.RateLimitError) as exhausted:
         client.chat.completions.create(model="qwen-turbo", messages=HELLO)
@@ -295,7 +315,7 @@ def test_a_key_made_for_an_org_charges_the_orgs_pool(
     )
     assert pool.status_code == 200, pool.text
 
-    client = openai.OpenAI(base_url=system.url("gateway") + "/v1", api_key=key.json()["rawKey"])
+    client = sdk(system.url("gateway") + "/v1", key.json()["rawKey"])
     completion = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=20)
     assert completion.usage is not None
     org_pool = gateway.get(
@@ -331,3 +351,43 @@ def test_nothing_reaches_a_provider_unmetered_through_the_gateway(
         "/api/v1/openai/chat", headers=admin.bearer, json={"prompt": "an operator's check"}
     )
     assert as_admin.status_code == 200, as_admin.text
+
+
+def _set_faults(gateway: httpx.Client, admin: Account, provider: str, **faults: Any) -> None:
+    response = gateway.put(f"/api/v1/{provider}/faults", headers=admin.bearer, json=faults)
+    assert response.status_code == 200, response.text
+
+
+def test_provider_failures_refund_everything_and_map_to_the_sdks_classes(
+    system: Stack, gateway: httpx.Client, admin: Account, tenant: Tenant
+) -> None:
+    client = tenant.client(system, max_retries=0)
+    try:
+        # A throttle with a short hint is tried again by the adapter (the provider did no work).
+        _set_faults(gateway, admin, "qwen", rateLimited=True, remainingCalls=1)
+        # (DashScope's 429 has no retry hint: a provider 429 reaches the client, retryable.)
+        with pytest.raises(openai.RateLimitError) as throttled:
+            client.chat.completions.create(model="qwen-turbo", messages=HELLO, max_tokens=10)
+        assert throttled.value.code == "rate_limit_exceeded"
+        assert throttled.value.response.headers["retry-after"]
+        assert throttled.value.response.headers.get("x-should-retry") != "false"
+
+        _set_faults(gateway, admin, "openai", rateLimited=True, retryAfterMs=50, remainingCalls=1)
+        retried = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=10)
+        assert retried.usage is not None
+
+        _set_faults(gateway, admin, "gemini", failureRate=1.0, remainingCalls=1)
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(model="gemini-2.0-flash", messages=HELLO, max_tokens=10)
+        assert failed.value.status_code == 502
+
+        _set_faults(gateway, admin, "gemini", down=True, remainingCalls=2)
+        with pytest.raises(openai.InternalServerError) as down:
+            client.chat.completions.create(model="gemini-2.0-flash", messages=HELLO, max_tokens=10)
+        assert down.value.status_code == 503
+    finally:
+        for provider in MODELS:
+            gateway.delete(f"/api/v1/{provider}/faults", headers=admin.bearer)
+    assert tenant.remaining("qwen") == 100_000
+    assert tenant.remaining("gemini") == 100_000
+    assert tenant.remaining("openai") == 100_000 - retried.usage.total_tokens

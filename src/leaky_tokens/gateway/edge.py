@@ -28,6 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
+from leaky_tokens.gateway.openai_face import INFERENCE_UPSTREAM, openai_request_limits
 from leaky_tokens.gateway.proxy import (
     ClientTooSlow,
     ClientWentAway,
@@ -212,6 +213,8 @@ class GatewayEdge:
             await _render(exc, {})(scope, receive, send)
             return
         limits = limit_headers(decision)
+        if route is not None and route.upstream == INFERENCE_UPSTREAM:
+            limits.update(openai_request_limits(decision))  # OpenAI's names, on /v1
 
         if not decision.allowed:
             await self._too_many(decision, limits)(scope, receive, send)

@@ -10,6 +10,9 @@ these paths, the gateway's own included (401, 429, 503), are OpenAI-shaped (shar
 
 from __future__ import annotations
 
+from leaky_tokens.shared.http import go_duration
+from leaky_tokens.shared.rate_limit import Decision
+
 INFERENCE_UPSTREAM = "inference"
 # (path, upstream): exact, or a prefix ending in "/".
 OPENAI_ROUTES: tuple[tuple[str, str], ...] = (
@@ -19,3 +22,13 @@ OPENAI_ROUTES: tuple[tuple[str, str], ...] = (
 )
 # The upstream's real address: the token service.
 SERVED_BY = {INFERENCE_UPSTREAM: "tokens"}
+
+
+def openai_request_limits(decision: Decision) -> dict[str, str]:
+    """OpenAI's request rate-limit headers from the gateway's window for the caller (the token
+    service adds the `-tokens` ones from the caller's leaky bucket)."""
+    return {
+        "x-ratelimit-limit-requests": str(decision.limit),
+        "x-ratelimit-remaining-requests": str(decision.remaining),
+        "x-ratelimit-reset-requests": go_duration(decision.reset_after),
+    }

@@ -207,8 +207,8 @@ class ProviderHttp:
                 return response
             try:
                 async with asyncio.timeout_at(deadline):
-                    raw = await response.content.read(MAX_ANSWER_BYTES)
-            except (TimeoutError, aiohttp.ClientError):
+                    raw = await read_body(response, MAX_ANSWER_BYTES)
+            except (TimeoutError, aiohttp.ClientError, ProviderError):
                 raw = b""
             finally:
                 response.release()
@@ -233,19 +233,30 @@ class ProviderHttp:
     async def read_json(self, response: aiohttp.ClientResponse, deadline: float) -> Any:
         try:
             async with asyncio.timeout_at(deadline):
-                raw = await response.content.read(MAX_ANSWER_BYTES + 1)
+                raw = await read_body(response, MAX_ANSWER_BYTES)
         except TimeoutError:
             raise ProviderError("timeout", "the provider did not answer in time") from None
         except aiohttp.ClientError:
             raise ProviderError("failed", "the provider's answer broke off") from None
         finally:
             response.release()
-        if len(raw) > MAX_ANSWER_BYTES:
-            raise ProviderError("failed", "the provider's answer is too large")
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise ProviderError("failed", "the provider answered something not JSON") from None
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, at most `limit` bytes (`content.read(n)` returns only what is buffered
+    already, which for a body in several TCP segments is not all of it)."""
+    blocks: list[bytes] = []
+    size = 0
+    while block := await response.content.readany():
+        size += len(block)
+        if size > limit:
+            raise ProviderError("failed", "the provider's answer is too large")
+        blocks.append(block)
+    return b"".join(blocks)
 
 
 async def sse_data(response: aiohttp.ClientResponse, idle_seconds: float) -> AsyncIterator[bytes]:

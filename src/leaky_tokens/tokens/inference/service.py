@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from leaky_tokens.settings import InferenceSettings
 from leaky_tokens.shared.errors import AppError, Forbidden, ServiceUnavailable
+from leaky_tokens.shared.http import go_duration
 from leaky_tokens.shared.principal import Principal
 from leaky_tokens.shared.tokenizer import Tokenizer, message_text, tokenizer_for
 from leaky_tokens.tokens.inference.adapters import Adapter, ChatStream
@@ -152,15 +153,6 @@ class Admission:
             "x-ratelimit-remaining-tokens": str(remaining),
             "x-ratelimit-reset-tokens": go_duration(decision.reset_seconds),
         }
-
-
-def go_duration(seconds: float) -> str:
-    """A duration as OpenAI writes it in x-ratelimit-reset-*: "84ms", "1s", "6m0s"."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    whole = int(seconds + 0.999)
-    minutes, secs = divmod(whole, 60)
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def provider_http_error(error: ProviderError) -> AppError:
