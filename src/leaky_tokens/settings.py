@@ -207,6 +207,9 @@ class InferenceSettings(BaseModel):
     attempts: int = Field(2, ge=1, le=5)
     max_retry_wait_seconds: float = Field(2.0, ge=0)
     max_connections: int = Field(512, ge=1)
+    # A /v1 reservation the sweeper may refund (a crashed process): longer than any call can
+    # last, streams included (the gateway cuts an answer at gateway.answer_timeout_seconds).
+    reservation_ttl_seconds: float = Field(900.0, gt=0)
 
     @field_validator("providers")
     @classmethod

@@ -237,6 +237,9 @@ def test_50_clients_leaving_mid_stream_are_charged_prompt_plus_streamed_and_leak
     for event in events:
         # never zero: the prompt and at least the words the client saw, at most the answer
         assert usage.prompt_tokens < event["tokens"] <= usage.total_tokens, (event, usage)
+        assert event["model"] == "gemini-2.0-flash"
+        assert event["promptTokens"] == usage.prompt_tokens
+        assert event["tokens"] == event["promptTokens"] + event["completionTokens"]
     # The provider call stopped when the client left (on a loaded machine a few streams may
     # have finished before the disconnect arrived).
     assert sum(e["tokens"] < usage.total_tokens for e in events) >= 25

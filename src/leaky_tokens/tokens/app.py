@@ -99,7 +99,9 @@ def create_tokens_app(
         # reports itself started, off the event loop: else the first /v1 call stalls the rest.
         catalogue = Catalogue(settings.inference.models)
         await asyncio.to_thread(preload, *catalogue.encodings())
-        provider_http = ProviderHttp(settings.inference)
+        provider_http = ProviderHttp(
+            settings.inference, provider_settings(settings.tokens).breaker, clock
+        )
         app.state.inference_service = InferenceService(
             service,
             settings.inference,

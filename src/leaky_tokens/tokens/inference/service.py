@@ -263,13 +263,7 @@ class InferenceService:
                         provider=route.provider,
                         request_id=request_id,
                         now=now,
-                        expires_at=now
-                        + timedelta(
-                            seconds=max(
-                                service.settings.reservation_ttl_seconds,
-                                self.settings.timeout_seconds * 2,
-                            )
-                        ),
+                        expires_at=now + timedelta(seconds=self.settings.reservation_ttl_seconds),
                     )
                 )
         if reserved is None:
