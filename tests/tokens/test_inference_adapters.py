@@ -323,3 +323,16 @@ def _payloads(name: str) -> list[Any]:
     from tests.providers.fixtures import load_sse
 
     return load_sse(name)
+
+
+def test_gemini_refuses_what_its_translation_would_drop() -> None:
+    chat = ChatCall(
+        route("gemini", "gemini-2.5-flash"),
+        [{"role": "user", "content": "weather?"}],
+        64,
+        False,
+        {"tools": [{"type": "function", "function": {"name": "weather"}}]},
+    )
+    with pytest.raises(ProviderError) as refused:
+        gemini.to_request(chat)
+    assert (refused.value.kind, refused.value.param) == ("rejected", "tools")

@@ -209,7 +209,13 @@ class InferenceService:
         route = request.route
         kind, owner, org_id = self._pool_of(principal)
         tokenizer = tokenizer_for(route.provider, route.upstream_model)
-        prompt = tokenizer.upper_bound(tokenizer.count_messages(request.messages))
+        counted = tokenizer.count_messages(request.messages)
+        # Tool and schema definitions are prompt tokens at the provider too: counted as their
+        # JSON text (a little more than providers count), so the reservation covers them.
+        for name in ("tools", "functions", "response_format"):
+            if request.options.get(name) is not None:
+                counted += tokenizer.count(orjson.dumps(request.options[name]).decode())
+        prompt = tokenizer.upper_bound(counted)
         room = route.context_window - prompt
         if room < 1:
             message = (
