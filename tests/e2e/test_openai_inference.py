@@ -391,3 +391,33 @@ def test_provider_failures_refund_everything_and_map_to_the_sdks_classes(
     assert tenant.remaining("qwen") == 100_000
     assert tenant.remaining("gemini") == 100_000
     assert tenant.remaining("openai") == 100_000 - retried.usage.total_tokens
+
+
+def test_a_provider_cutting_its_stream_ends_the_clients_with_an_error_charging_what_streamed(
+    system: Stack, gateway: httpx.Client, admin: Account, tenant: Tenant
+) -> None:
+    client = tenant.client(system, max_retries=0)
+    natural = client.chat.completions.create(model="qwen-plus", messages=HELLO, max_tokens=200)
+    assert natural.usage is not None
+    before = tenant.remaining("qwen")
+    seen = ""
+    try:
+        _set_faults(gateway, admin, "qwen", cutStreamAfter=3, remainingCalls=1)
+        stream = client.chat.completions.create(
+            model="qwen-plus", messages=HELLO, max_tokens=200, stream=True
+        )
+
+        def read_all() -> None:
+            nonlocal seen
+            for chunk in stream:
+                if chunk.choices:
+                    seen += chunk.choices[0].delta.content or ""
+
+        with pytest.raises(openai.APIError) as cut:
+            read_all()
+    finally:
+        gateway.delete("/api/v1/qwen/faults", headers=admin.bearer)
+    assert cut.value.code == "provider_stream_cut"
+    assert seen  # the chunks before the cut reached the client
+    charged = before - tenant.remaining("qwen")
+    assert natural.usage.prompt_tokens < charged < natural.usage.total_tokens
