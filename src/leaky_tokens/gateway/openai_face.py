@@ -2,8 +2,9 @@
 
 Its routes are served by the token service (which owns the ledger) through an upstream of their
 own, `inference`: the same service address with a longer deadline for the answer's headers and
-for silences mid-stream (`gateway.inference_upstream_timeout_seconds`), since a plain completion
-answers only once the provider has finished and a stream may pause while a model thinks. Its
+for silences mid-stream (`gateway.inference_upstream_timeout_seconds`, 150 s) and for the whole
+answer (`gateway.inference_answer_timeout_seconds`, 900 s), since a plain completion answers
+only once the provider has finished and a stream may pause or run long while a model thinks. Its
 own breaker means a slow provider never opens the breaker of the plan's token API. Errors on
 these paths, the gateway's own included (401, 429, 503), are OpenAI-shaped (shared/http.py).
 """
