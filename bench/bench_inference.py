@@ -9,6 +9,10 @@ from the stub's. Figures, plain and streamed:
 - added latency at one connection: p50/p99 through the gateway minus the stub's;
 - added time to first chunk at one connection (bench/stream_client.py), p50 and p99.
 
+The token service's /v1 is also loaded directly (no gateway hop), the way /consume is measured
+(bench/consume.py), for a like-for-like CPU figure; the serving process here also runs analytics,
+which stores every usage event.
+
 `python -m bench.bench_inference [--seconds 5] [--concurrency 16] [--shape embedded]`."""
 
 from __future__ import annotations
@@ -176,14 +180,18 @@ def run(shape: str, seconds: int, concurrency: int, first_chunk_requests: int) -
                 "concurrency": concurrency,
                 "seconds": seconds,
             }
+            tokens_url = f"http://127.0.0.1:{ports['tokens']}/v1/chat/completions"
             for kind, body in (("plain", PLAIN), ("streamed", STREAMED)):
                 stub_load = _load(stub_url, body, stub_headers, concurrency, seconds, meter)
                 gw_load = _load(gw_url, body, gw_headers, concurrency, seconds, meter)
+                # The token service alone (no gateway hop), as /consume is measured.
+                direct = _load(tokens_url, body, gw_headers, concurrency, seconds, meter)
                 stub_one = _load(stub_url, body, stub_headers, 1, seconds, meter)
                 gw_one = _load(gw_url, body, gw_headers, 1, seconds, meter)
                 report[kind] = {
                     "stub": stub_load,
                     "gateway": gw_load,
+                    "tokens_direct": direct,
                     "added_p50_ms_at_1": round(gw_one["p50_ms"] - stub_one["p50_ms"], 3),
                     "added_p99_ms_at_1": round(gw_one["p99_ms"] - stub_one["p99_ms"], 3),
                     "gateway_cpu_ms_per_request_at_1": gw_one["cpu_ms_per_request"]["serving"],
@@ -218,10 +226,10 @@ def print_report(report: dict[str, Any]) -> None:
     shape = report["shape"]
     for kind in ("plain", "streamed"):
         row = report[kind]
-        for role in ("stub", "gateway"):
+        for role in ("stub", "gateway", "tokens_direct"):
             r = row[role]
             print(
-                f"{shape}: /v1 {kind:<8} {role:<7} c={report['concurrency']:<3} "
+                f"{shape}: /v1 {kind:<8} {role:<13} c={report['concurrency']:<3} "
                 f"{r['rps']:>8.1f} req/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
                 f"CPU-ms/req serving {r['cpu_ms_per_request']['serving']:.3f} "
                 f"stub {r['cpu_ms_per_request']['stub']:.3f}  non2xx {r['non2xx']}"
