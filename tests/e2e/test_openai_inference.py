@@ -391,6 +391,10 @@ def test_provider_failures_refund_everything_and_map_to_the_sdks_classes(
     assert tenant.remaining("qwen") == 100_000
     assert tenant.remaining("gemini") == 100_000
     assert tenant.remaining("openai") == 100_000 - retried.usage.total_tokens
+    status = gateway.get("/api/v1/tokens/status").json()
+    breakers = status["inferenceProviders"]
+    assert set(breakers) == set(MODELS)
+    assert breakers["gemini"]["failedCallsInWindow"] >= 2  # the 500 and the 503 counted
 
 
 def test_a_provider_cutting_its_stream_ends_the_clients_with_an_error_charging_what_streamed(

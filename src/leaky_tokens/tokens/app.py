@@ -107,6 +107,7 @@ def create_tokens_app(
             settings.inference,
             catalogue,
             build_adapters(settings, provider_http),
+            provider_http,
         )
         flags = FeatureFlags(database, the_clock)
         await flags.seed(settings.tokens.flags)

@@ -31,7 +31,7 @@ from leaky_tokens.shared.errors import AppError, Forbidden, ServiceUnavailable
 from leaky_tokens.shared.http import go_duration
 from leaky_tokens.shared.principal import Principal
 from leaky_tokens.shared.tokenizer import Tokenizer, message_text, tokenizer_for
-from leaky_tokens.tokens.inference.adapters import Adapter, ChatStream
+from leaky_tokens.tokens.inference.adapters import Adapter, ChatStream, ProviderHttp
 from leaky_tokens.tokens.inference.catalogue import Catalogue, ModelRoute
 from leaky_tokens.tokens.inference.errors import (
     BucketFull,
@@ -186,11 +186,16 @@ class InferenceService:
         settings: InferenceSettings,
         catalogue: Catalogue,
         adapters: dict[str, Adapter],
+        http: ProviderHttp | None = None,
     ) -> None:
         self.tokens = tokens
         self.settings = settings
         self.catalogue = catalogue
         self.adapters = adapters
+        self.http = http
+
+    def breaker_snapshots(self) -> dict[str, dict[str, Any]]:
+        return self.http.breaker_snapshots() if self.http is not None else {}
 
     # --- admission ----------------------------------------------------------------------
 
