@@ -207,6 +207,9 @@ class InferenceSettings(BaseModel):
     attempts: int = Field(2, ge=1, le=5)
     max_retry_wait_seconds: float = Field(2.0, ge=0)
     max_connections: int = Field(512, ge=1)
+    # A /v1 reservation the sweeper may refund (a crashed process): longer than any call can
+    # last, streams included (the gateway cuts one at gateway.inference_answer_timeout_seconds).
+    reservation_ttl_seconds: float = Field(1200.0, gt=0)
 
     @field_validator("providers")
     @classmethod
@@ -309,6 +312,9 @@ class GatewaySettings(BaseModel):
     # plain completion's headers come once the provider has answered whole, and a stream may
     # fall silent while a model thinks (the token service bounds both itself, a little sooner).
     inference_upstream_timeout_seconds: float = Field(150.0, gt=0)
+    # ... and in place of `answer_timeout_seconds`: a long reasoning stream may run for minutes
+    # (keep it below inference.reservation_ttl_seconds, or the sweeper refunds a live call).
+    inference_answer_timeout_seconds: float = Field(900.0, gt=0)
     # How long a request waits for one of the upstream's connections before a 503.
     pool_wait_seconds: float = Field(1.0, ge=0)
     health_timeout_seconds: float = Field(2.0, gt=0)

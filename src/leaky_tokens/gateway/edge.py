@@ -27,6 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
+from leaky_tokens.gateway.openai_face import INFERENCE_UPSTREAM, openai_request_limits
 from leaky_tokens.gateway.proxy import (
     ClientTooSlow,
     ClientWentAway,
@@ -217,6 +218,8 @@ class GatewayEdge:
             await _render(exc, {})(scope, receive, send)
             return
         limits = limit_headers(decision)
+        if route is not None and route.upstream == INFERENCE_UPSTREAM:
+            limits.update(openai_request_limits(decision))  # OpenAI's names, on /v1
 
         if not decision.allowed:
             await self._too_many(decision, limits)(scope, receive, send)
@@ -234,7 +237,10 @@ class GatewayEdge:
                         headers={"WWW-Authenticate": 'Bearer, ApiKey header="X-Api-Key"'},
                     )
                 elif route.admin_only and not principal.is_admin:
-                    refusal = Forbidden("only an ADMIN may use the provider fault switch")
+                    refusal = Forbidden(
+                        "the raw provider routes are for ADMINs; call the metered "
+                        "/v1/chat/completions instead"
+                    )
             if refusal is not None:
                 self.metrics.refused.labels(refusal.code).inc()
                 await _render(refusal, limits)(scope, receive, send)
@@ -253,7 +259,7 @@ class GatewayEdge:
             ),
             host=host,
         )
-        if route.admin_only and self._internal_token:
+        if route.fault_switch and self._internal_token:
             headers = [h for h in headers if h[0] != b"x-internal-token"]
             headers.append((b"x-internal-token", self._internal_token))
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in limits.items()]
