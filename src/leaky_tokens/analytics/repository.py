@@ -219,21 +219,41 @@ class AnalyticsRepository:
         return await self._insert(PurchaseEvent.__table__, rows)  # type: ignore[arg-type]
 
     async def recent_usage(
-        self, scope: UsageFilter, limit: int, offset: int
+        self,
+        scope: UsageFilter,
+        limit: int,
+        offset: int = 0,
+        *,
+        after: tuple[datetime, int] | None = None,
     ) -> Sequence[UsageEvent]:
+        """Raw events newest first, (occurred_at, id) descending. `after` is a keyset position
+        (the last row of the previous page): the index range starts there, so a page deep in
+        a million rows costs what the first one does; `offset` pages the old way."""
+        clauses = _where(scope)
+        if after is not None:
+            at, row_id = after
+            # The first clause is the index's range; the second breaks ties of one instant.
+            clauses.append(UsageEvent.occurred_at <= _at(at))
+            clauses.append(or_(UsageEvent.occurred_at < _at(at), UsageEvent.id < row_id))
         rows = await self.session.execute(
             select(UsageEvent)
-            .where(*_where(scope))
+            .where(*clauses)
             .order_by(UsageEvent.occurred_at.desc(), UsageEvent.id.desc())
             .limit(limit)
             .offset(offset)
         )
         return rows.scalars().all()
 
-    async def count_usage(self, scope: UsageFilter) -> int:
-        total = await self.session.scalar(
-            select(func.count()).select_from(UsageEvent).where(*_where(scope))
-        )
+    async def count_usage(self, scope: UsageFilter, bound: int | None = None) -> int:
+        """Raw events of the scope, counted up to `bound` + 1 at most (None: all): the count
+        reads at most that many index entries, whatever the table holds."""
+        if bound is None:
+            total = await self.session.scalar(
+                select(func.count()).select_from(UsageEvent).where(*_where(scope))
+            )
+            return int(total or 0)
+        capped = select(UsageEvent.id).where(*_where(scope)).limit(bound + 1).subquery()
+        total = await self.session.scalar(select(func.count()).select_from(capped))
         return int(total or 0)
 
     async def window_totals(

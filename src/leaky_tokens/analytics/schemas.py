@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import SerializerFunctionWrapHandler, model_serializer
 from pydantic.alias_generators import to_camel
@@ -21,8 +21,10 @@ class SparseModel(ApiModel):
 
     omit_when_none: ClassVar[frozenset[str]] = frozenset()
 
+    # No return annotation on purpose: with one, pydantic documents the body as that type (an
+    # empty schema for Any) instead of the model's fields.
     @model_serializer(mode="wrap")
-    def _omit_empty_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+    def _omit_empty_additions(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
         data = handler(self)
         if isinstance(data, dict):
             for name in self.omit_when_none:

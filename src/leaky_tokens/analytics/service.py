@@ -13,6 +13,8 @@ user (`userId`) and/or one organisation pool (`orgId`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import math
@@ -53,7 +55,7 @@ from leaky_tokens.analytics.schemas import (
 from leaky_tokens.settings import PROVIDERS
 from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.database import Database
-from leaky_tokens.shared.errors import Forbidden
+from leaky_tokens.shared.errors import Forbidden, InvalidRequest
 from leaky_tokens.shared.events import Event
 from leaky_tokens.shared.pagination import Pagination
 from leaky_tokens.shared.principal import Principal
@@ -70,6 +72,44 @@ TOP_USERS = 5
 # The time series: at most this wide (7 days) and this many buckets per answer.
 MAX_SERIES_MINUTES = 7 * 24 * 60
 MAX_BUCKETS = 1000
+
+
+# /usage counts its `total` up to this many events (then `totalExact: false`): a COUNT(*) over
+# millions of rows would cost a scan of them all on every page.
+COUNT_BOUND = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCursor:
+    """Where the next /usage page starts: after the event (occurred_at, id), numbered `page`."""
+
+    occurred_at: datetime
+    row_id: int
+    page: int
+
+
+def encode_cursor(cursor: UsageCursor) -> str:
+    """Opaque to clients (base64url of a small JSON)."""
+    raw = json.dumps(
+        {"t": cursor.occurred_at.isoformat(), "i": cursor.row_id, "p": cursor.page},
+        separators=(",", ":"),
+    ).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> UsageCursor:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        at = datetime.fromisoformat(raw["t"])
+        row_id, page = raw["i"], raw["p"]
+        if at.tzinfo is None or not isinstance(row_id, int) or not isinstance(page, int):
+            raise ValueError("malformed")
+        if not (0 <= row_id < 2**63 and 1 <= page <= 10**9):
+            raise ValueError("out of range")
+        return UsageCursor(at.astimezone(UTC), row_id, page)
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError, binascii.Error):
+        message = "not a cursor this service gave (pass a previous answer's nextCursor)"
+        raise InvalidRequest(message, details=[{"field": "cursor", "message": message}]) from None
 
 
 def default_bucket_seconds(window_minutes: int) -> int:
@@ -489,17 +529,32 @@ class AnalyticsService:
         *,
         limit: int,
         page: int = 1,
+        cursor: str | None = None,
         user_id: uuid.UUID | None = None,
         org_id: uuid.UUID | None = None,
         model: str | None = None,
     ) -> UsageRead:
-        """The newest events first; `limit` items per page."""
+        """The newest events first; `limit` items per page. A `cursor` (a previous answer's
+        `nextCursor`) continues after that answer's last item, by keyset; without one, `page`
+        pages by offset as before. `total` is counted up to COUNT_BOUND."""
         scope = scope_for(principal, provider, user_id, org_id, model)
         limit = max(1, min(limit, MAX_ITEMS))
+        position = decode_cursor(cursor) if cursor is not None else None
+        if position is not None:
+            page = position.page
         async with self.db.read() as session:
             repo = AnalyticsRepository(session)
-            rows = await repo.recent_usage(scope, limit, (page - 1) * limit)
-            total = await repo.count_usage(scope)
+            if position is not None:
+                rows = await repo.recent_usage(
+                    scope, limit + 1, after=(position.occurred_at, position.row_id)
+                )
+            else:
+                rows = await repo.recent_usage(scope, limit + 1, (page - 1) * limit)
+            total = await repo.count_usage(scope, COUNT_BOUND)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        exact = total <= COUNT_BOUND
+        total = min(total, COUNT_BOUND)
         items = [
             UsageItem(
                 key=UsageKey(provider=row.provider, timestamp=row.occurred_at),
@@ -517,6 +572,11 @@ class AnalyticsService:
             )
             for row in rows
         ]
+        next_cursor = (
+            encode_cursor(UsageCursor(rows[-1].occurred_at, rows[-1].id, page + 1))
+            if more and rows
+            else None
+        )
         return UsageRead(
             provider=scope.provider,
             count=len(items),
@@ -527,6 +587,8 @@ class AnalyticsService:
                 total=total,
                 total_pages=math.ceil(total / limit) if total else 0,
             ),
+            next_cursor=next_cursor,
+            total_exact=None if exact else False,
             model=scope.model,
         )
 
