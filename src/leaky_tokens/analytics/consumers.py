@@ -153,7 +153,9 @@ class RunningConsumers:
         for consumer in reversed(self.consumers):
             await consumer.stop()
         if self._redis is not None:
-            await self._redis.aclose()
+            # The client was built on a pool of its own (shared/redis.py): close it too, or its
+            # sockets outlive the service (a ResourceWarning at the next garbage collection).
+            await self._redis.aclose(close_connection_pool=True)
 
 
 async def start_consumers(
@@ -183,7 +185,7 @@ async def start_consumers(
         try:
             await stream_consumer.start(service.store_events)
         except BaseException:
-            await redis.aclose()
+            await redis.aclose(close_connection_pool=True)
             raise
         consumers.append(stream_consumer)
     return RunningConsumers(receiver, consumers, redis, metrics)

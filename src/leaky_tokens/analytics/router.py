@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from leaky_tokens.analytics.schemas import (
     AnomalyRead,
     ConsumerLagRead,
+    DeadLettersRead,
     PurchaseEventsRead,
     ReportRead,
     TimeseriesRead,
@@ -225,6 +226,19 @@ async def consumer_lag(request: Request, principal: CurrentPrincipal) -> Consume
     """ADMIN: events the transports hold that analytics has not stored yet (consumer lag);
     the same figure as `analytics_consumer_lag_events` at `/metrics`."""
     return await _service(request).consumer_lag(principal, request.app.state.consumers)
+
+
+@router.get("/admin/dead-letters", tags=["admin"])
+async def dead_letters(
+    request: Request, principal: CurrentPrincipal, paging: PageParams
+) -> DeadLettersRead:
+    """ADMIN: events kept instead of counted, newest first, with the reason — `invalid`
+    (unreadable payload), `failed` (the database refused it alone, twice; found by splitting its
+    batch), `late` (from before the rolled-up horizon); counted by
+    `analytics_events_dead_lettered_total{stream, reason}` at `/metrics`."""
+    return await _service(request).dead_letters(
+        principal, page=paging.page, page_size=paging.page_size
+    )
 
 
 @router.get("/purchases", tags=["analytics"])

@@ -203,3 +203,19 @@ class PurchaseEventRead(ApiModel):
 class PurchaseEventsRead(ApiModel):
     items: list[PurchaseEventRead]
     pagination: Pagination
+
+
+class DeadLetterRead(ApiModel):
+    event_id: uuid.UUID
+    stream: str
+    type: str
+    reason: str  # invalid | failed | late
+    error: str
+    event: str  # the event as it came (JSON), to inspect or replay by hand
+    occurred_at: datetime
+    dead_at: datetime
+
+
+class DeadLettersRead(ApiModel):
+    items: list[DeadLetterRead]
+    pagination: Pagination

@@ -38,6 +38,8 @@ from leaky_tokens.analytics.repository import (
 from leaky_tokens.analytics.schemas import (
     AnomalyRead,
     ConsumerLagRead,
+    DeadLetterRead,
+    DeadLettersRead,
     ModelReport,
     PurchaseEventRead,
     PurchaseEventsRead,
@@ -780,6 +782,38 @@ class AnalyticsService:
                     tokens=r.tokens,
                     occurred_at=r.occurred_at,
                     payload=r.payload,
+                )
+                for r in rows
+            ],
+            pagination=Pagination(
+                page=page,
+                page_size=page_size,
+                total=total,
+                total_pages=math.ceil(total / page_size) if total else 0,
+            ),
+        )
+
+    async def dead_letters(
+        self, principal: Principal, *, page: int, page_size: int
+    ) -> DeadLettersRead:
+        """ADMIN: the events analytics could not count, newest first."""
+        if not principal.is_admin:
+            raise Forbidden("only an ADMIN may read dead-lettered events")
+        async with self.db.read() as session:
+            rows, total = await AnalyticsRepository(session).dead_letters(
+                page_size, (page - 1) * page_size
+            )
+        return DeadLettersRead(
+            items=[
+                DeadLetterRead(
+                    event_id=r.event_id,
+                    stream=r.stream,
+                    type=r.event_type,
+                    reason=r.reason,
+                    error=r.error,
+                    event=r.event,
+                    occurred_at=r.occurred_at,
+                    dead_at=r.dead_at,
                 )
                 for r in rows
             ],
