@@ -275,3 +275,24 @@ async def test_the_service_runs_retention_from_its_settings(
         horizon = registry.get_sample_value("analytics_rollup_horizon_timestamp_seconds")
         assert horizon == NOW.timestamp()
         assert "analytics_rollup_events_total 1.0" in (await analytics.http.get("/metrics")).text
+
+
+async def test_dead_letters_are_purged_past_their_retention(analytics: AnalyticsClient) -> None:
+    user = uuid.uuid4()
+    unreadable = [
+        usage_event(user, 1, NOW).model_copy(update={"payload": {"decision": "ALLOWED"}})
+        for _ in range(3)
+    ]
+    await analytics.store(unreadable[0])
+    analytics.clock.advance(10 * 86_400)
+    await analytics.store(*unreadable[1:])
+    retention = Retention(
+        analytics.service.db,
+        analytics.clock,
+        config=RetentionConfig(dead_letter_retention_seconds=5 * 86_400, batch=1),
+    )
+    totals = await retention.sweep_once()
+    assert totals.dead_letters_purged == 1
+    async with analytics.service.db.read() as session:
+        kept = set((await session.execute(select(DeadLetter.event_id))).scalars().all())
+    assert kept == {e.event_id for e in unreadable[1:]}

@@ -47,6 +47,7 @@ def create_analytics_app(
             config=RetentionConfig(
                 raw_retention_seconds=own.raw_retention_seconds,
                 purchase_retention_seconds=own.purchase_retention_seconds,
+                dead_letter_retention_seconds=own.dead_letter_retention_seconds,
                 batch=own.retention_batch,
                 every_seconds=own.retention_every_seconds,
             ),

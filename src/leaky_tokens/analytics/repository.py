@@ -542,6 +542,20 @@ class AnalyticsRepository:
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
+    async def purge_dead_letters_before(self, before: datetime, limit: int) -> int:
+        oldest = (
+            select(DeadLetter.id)
+            .where(DeadLetter.dead_at < _at(before))
+            .order_by(DeadLetter.dead_at)
+            .limit(limit)
+        )
+        result = await self.session.execute(
+            delete(DeadLetter)
+            .where(DeadLetter.id.in_(oldest.scalar_subquery()))
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
     async def rollup_rows(self) -> int:
         return int(await self.session.scalar(select(func.count()).select_from(UsageRollup)) or 0)
 

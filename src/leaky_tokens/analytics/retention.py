@@ -41,6 +41,7 @@ def minute_floor(moment: datetime) -> datetime:
 class RetentionConfig:
     raw_retention_seconds: float = 7 * 86_400.0
     purchase_retention_seconds: float = 90 * 86_400.0
+    dead_letter_retention_seconds: float = 30 * 86_400.0
     batch: int = 5000  # raw events per roll-up transaction (about), purchase rows per DELETE
     every_seconds: float = 60.0
     pause_seconds: float = 0.005
@@ -52,6 +53,7 @@ class SweepTotals:
     steps: int  # roll-up transactions
     purchases_purged: int
     horizon: datetime | None
+    dead_letters_purged: int = 0
 
 
 class Retention:
@@ -111,10 +113,17 @@ class Retention:
             self.metrics.purchases_purged.inc(purged)
         return purged
 
+    async def purge_dead_letters_batch(self) -> int:
+        before = self.clock.now() - timedelta(seconds=self.config.dead_letter_retention_seconds)
+        async with self.db.transaction() as session:
+            return await AnalyticsRepository(session).purge_dead_letters_before(
+                before, self.config.batch
+            )
+
     async def sweep_once(self) -> SweepTotals:
         """Roll up step after step until the horizon reaches its target, then purge old
-        purchase events batch after batch (or until a stop is asked)."""
-        rolled = steps = purged = 0
+        purchase events and dead letters batch after batch (or until a stop is asked)."""
+        rolled = steps = purged = dead = 0
         horizon: datetime | None = None
         more = True
         while more and not self._stopping.is_set():
@@ -128,7 +137,13 @@ class Retention:
             if count < self.config.batch:
                 break
             await asyncio.sleep(self.config.pause_seconds)
-        return SweepTotals(rolled, steps, purged, horizon)
+        while not self._stopping.is_set():
+            count = await self.purge_dead_letters_batch()
+            dead += count
+            if count < self.config.batch:
+                break
+            await asyncio.sleep(self.config.pause_seconds)
+        return SweepTotals(rolled, steps, purged, horizon, dead)
 
     async def run(self) -> None:
         while not self._stopping.is_set():
