@@ -310,7 +310,7 @@ async def run(shape: str, rows: int, consume_seconds: float, concurrency: int) -
             done_at: dict[str, float] = {}
 
             async def watch() -> None:
-                while purged["n"] < rows and time.monotonic() - began < 1800:
+                while purged["n"] < rows and time.monotonic() - began < 600:
                     purged["n"] = await _purged(tokens)
                     if purged["n"] >= rows:
                         done_at["t"] = time.monotonic()
@@ -318,7 +318,7 @@ async def run(shape: str, rows: int, consume_seconds: float, concurrency: int) -
 
             watcher = asyncio.create_task(watch())
             figures["consume_with_sweeper"] = await _consume_load(
-                ports, 1800, concurrency, until=lambda: purged["n"] >= rows
+                ports, 600, concurrency, until=lambda: purged["n"] >= rows
             )
             await watcher
             elapsed = done_at.get("t", time.monotonic()) - began
@@ -344,7 +344,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--consume-seconds", type=float, default=20.0)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     figures = asyncio.run(run(args.shape, args.rows, args.consume_seconds, args.concurrency))
     print(json.dumps(figures, indent=2))
