@@ -230,6 +230,14 @@ class InferenceSettings(BaseModel):
 
 class AnalyticsSettings(BaseModel):
     database_url: str = ""
+    # Retention: raw usage events are kept this long, then summed into per-minute rollups
+    # (kept without limit) and deleted; purchase events are deleted past their own retention.
+    retention_enabled: bool = True
+    raw_retention_seconds: float = Field(7 * 86_400.0, ge=60)
+    purchase_retention_seconds: float = Field(90 * 86_400.0, ge=60)
+    dead_letter_retention_seconds: float = Field(30 * 86_400.0, ge=60)
+    retention_batch: int = Field(5000, ge=1, le=100_000)
+    retention_every_seconds: float = Field(60.0, gt=0)
 
 
 class EventsSettings(BaseModel):
