@@ -45,6 +45,9 @@ class ApiKey(AuthBase):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Set for an agent session's credential (issue 13): what it spends is charged to that
+    # session's budget, and it expires and is revoked with the session.
+    session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
 
 
 AutoId = BigInteger().with_variant(Integer(), "sqlite")

@@ -121,7 +121,9 @@ async def create_api_key(
     body: ApiKeyCreate, request: Request, principal: CurrentPrincipal
 ) -> ApiKeyCreated:
     owner = body.user_id or principal.user_id
-    key, raw = await _service(request).create_api_key(principal, owner, body.name, body.expires_at)
+    key, raw = await _service(request).create_api_key(
+        principal, owner, body.name, body.expires_at, body.session_id
+    )
     return ApiKeyCreated(
         id=key.id,
         user_id=key.user_id,
@@ -129,6 +131,7 @@ async def create_api_key(
         raw_key=raw,
         created_at=key.created_at,
         expires_at=key.expires_at,
+        session_id=key.session_id,
     )
 
 
@@ -161,6 +164,7 @@ async def validate_api_key(
         roles=list(found.user.roles),
         api_key_id=found.key.id,
         org_ids=found.org_ids,
+        session_id=found.key.session_id,
     )
 
 

@@ -48,6 +48,9 @@ class ApiKeyCreate(RequestModel):
     user_id: uuid.UUID | None = Field(None, description="Owner; defaults to the caller")
     name: Name
     expires_at: UtcInput | None = None
+    session_id: uuid.UUID | None = Field(
+        None, description="An agent session's credential: spending is charged to its budget"
+    )
 
 
 class ApiKeyCreated(ApiModel):
@@ -57,6 +60,7 @@ class ApiKeyCreated(ApiModel):
     raw_key: str = Field(description="Shown once; only a hash is stored")
     created_at: datetime
     expires_at: datetime | None
+    session_id: uuid.UUID | None = None
 
 
 class ApiKeyRead(ApiModel):
@@ -78,6 +82,7 @@ class ApiKeyValidation(ApiModel):
     roles: list[str]
     api_key_id: uuid.UUID
     org_ids: list[uuid.UUID]
+    session_id: uuid.UUID | None = None
 
 
 class OrgCreate(RequestModel):

@@ -235,8 +235,12 @@ class AuthService:
         user_id: uuid.UUID,
         name: str,
         expires_at: datetime | None,
+        session_id: uuid.UUID | None = None,
     ) -> tuple[ApiKey, str]:
         self._authorise_for(principal, user_id)
+        if principal.session_id is not None:
+            # A session's credential spends its budget; it never mints credentials.
+            raise Forbidden("an agent session's credential cannot create API keys")
         now = self.clock.now()
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest(
@@ -253,6 +257,7 @@ class AuthService:
             created_at=now,
             expires_at=expires_at,
             revoked_at=None,
+            session_id=session_id,
         )
         async with self.db.transaction() as session:
             repo = AuthRepository(session)
@@ -366,6 +371,7 @@ class AuthService:
             method="api_key",
             api_key_id=found.key.id,
             username=found.user.username,
+            session_id=found.key.session_id,
         )
 
     # organisations

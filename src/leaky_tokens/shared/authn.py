@@ -411,6 +411,7 @@ def principal_from_validation(body: dict[str, Any]) -> Principal:
         method="api_key",
         api_key_id=uuid.UUID(body["apiKeyId"]) if body.get("apiKeyId") else None,
         username=body.get("username"),
+        session_id=uuid.UUID(body["sessionId"]) if body.get("sessionId") else None,
     )
 
 

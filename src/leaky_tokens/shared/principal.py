@@ -18,6 +18,8 @@ class Principal:
     method: Literal["jwt", "api_key"] = "jwt"
     api_key_id: uuid.UUID | None = None
     username: str | None = None
+    # An agent session's credential (issue 13): spending is charged to that session's budget.
+    session_id: uuid.UUID | None = None
 
     @property
     def is_admin(self) -> bool:
