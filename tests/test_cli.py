@@ -108,4 +108,4 @@ def test_admin_commands_create_a_user_and_a_quota(tmp_path: Path) -> None:
     assert "total=1000 remaining=1000" in quota.stdout
     migrated = run_cli("migrate", env=env)
     assert migrated.returncode == 0
-    assert "auth: at auth_0002" in migrated.stdout
+    assert "auth: at auth_0005" in migrated.stdout
