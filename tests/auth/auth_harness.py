@@ -104,14 +104,22 @@ class AuthClient:
         return Account(body["userId"], username, password, body["token"], email, body["roles"])
 
     async def login(
-        self, username: str, password: str, *, client_ip: str | None = None
+        self,
+        username: str,
+        password: str,
+        *,
+        client_ip: str | None = None,
+        peer: str | None = None,
     ) -> httpx.Response:
+        """Log in as the gateway would forward it (X-Forwarded-For `client_ip`, from loopback),
+        or straight from `peer` (an address of our choosing, not loopback)."""
         headers = {"X-Forwarded-For": client_ip} if client_ip else {}
-        return await self.http.post(
-            "/api/v1/auth/login",
-            json={"username": username, "password": password},
-            headers=headers,
-        )
+        body = {"username": username, "password": password}
+        if peer is None:
+            return await self.http.post("/api/v1/auth/login", json=body, headers=headers)
+        transport = httpx.ASGITransport(app=self.app, client=(peer, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as direct:
+            return await direct.post("/api/v1/auth/login", json=body, headers=headers)
 
     async def log_in(self, username: str, password: str) -> Account:
         response = await self.login(username, password)
@@ -199,10 +207,12 @@ async def running_auth(
     clock: FakeClock | None = None,
     redis_url: str = "",
     admin: tuple[str, str] = (ADMIN_USERNAME, ADMIN_PASSWORD),
+    trusted_proxies: list[str] | None = None,
     **auth: Any,
 ) -> AsyncIterator[AuthClient]:
     """The auth service in-process (lifespan run: migrations, signing key, admin bootstrap)."""
     settings = Settings(
+        **({} if trusted_proxies is None else {"trusted_proxies": trusted_proxies}),
         data_dir=data_dir,
         access_log=False,
         redis_url=redis_url,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -384,3 +385,52 @@ async def test_a_revoked_or_unknown_api_key_is_no_credential(auth: AuthClient) -
     assert_error(await auth.me({"X-Api-Key": key["rawKey"]}), 401, "AUTH_REVOKED_KEY")
     assert_error(await auth.me({"X-Api-Key": "leaky_nope"}), 401, "AUTH_INVALID_KEY")
     assert_error(await auth.me({"X-Api-Key": ""}), 401, "AUTH_INVALID_KEY")
+
+
+# -- the per-user cap on active keys (issue 10: 5 keys gave 5 rate-limit windows) -------------
+
+
+async def test_concurrent_creations_never_pass_the_cap_on_active_keys(
+    start_auth: StartAuth,
+) -> None:
+    async with start_auth(max_active_api_keys_per_user=3) as auth:
+        user = await auth.register()
+
+        answers = await asyncio.gather(
+            *(
+                auth.http.post(
+                    KEYS, json={"userId": user.user_id, "name": f"k{i}"}, headers=user.headers
+                )
+                for i in range(12)
+            )
+        )
+
+        assert sorted(r.status_code for r in answers) == [201] * 3 + [409] * 9
+        refused = next(r for r in answers if r.status_code == 409)
+        assert_error(refused, 409, "API_KEY_LIMIT")
+        listed = await auth.http.get(KEYS, headers=user.headers)
+        assert listed.json()["pagination"]["total"] == 3
+        other = await auth.register()  # the cap is per user
+        assert (
+            await auth.http.post(KEYS, json={"name": "x"}, headers=other.headers)
+        ).status_code == 201
+
+
+async def test_revoked_and_expired_keys_leave_room_under_the_cap(start_auth: StartAuth) -> None:
+    clock = now_clock()
+    async with start_auth(clock=clock, max_active_api_keys_per_user=2) as auth:
+        user = await auth.register()
+        first = await auth.create_api_key(user, "first")
+        await auth.create_api_key(
+            user, "short", expiresAt=_iso(clock.now() + timedelta(seconds=30))
+        )
+        full = await auth.http.post(KEYS, json={"name": "third"}, headers=user.headers)
+        assert_error(full, 409, "API_KEY_LIMIT")
+
+        revoked = await auth.http.delete(f"{KEYS}/{first['id']}", headers=user.headers)
+        assert revoked.status_code == 204
+        await auth.create_api_key(user, "after-revoke")
+        clock.advance(30)
+        await auth.create_api_key(user, "after-expiry")
+        full = await auth.http.post(KEYS, json={"name": "fifth"}, headers=user.headers)
+        assert_error(full, 409, "API_KEY_LIMIT")

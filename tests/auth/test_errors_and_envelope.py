@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 from sqlalchemy import text
 
+from leaky_tokens.shared.clock import FakeClock
 from tests.auth.auth_harness import AuthClient, StartAuth, assert_error
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -152,3 +154,14 @@ async def test_an_unexpected_failure_answers_500_without_internals(
     assert "Traceback" not in response.text
     assert _has_security_headers(response.headers)
     assert any(r.getMessage() == "unhandled error" for r in caplog.records)
+
+
+async def test_error_timestamps_come_from_the_services_clock(start_auth: StartAuth) -> None:
+    clock = FakeClock(datetime(2031, 5, 6, 7, 8, 9, 123000, tzinfo=UTC))
+    async with start_auth(clock=clock) as auth:
+        first = await auth.http.get("/api/v1/auth/nothing-here")
+        clock.advance(90)
+        invalid = await auth.http.post("/api/v1/auth/login", json={})  # another handler
+
+    assert assert_error(first, 404, "NOT_FOUND")["timestamp"] == "2031-05-06T07:08:09.123Z"
+    assert assert_error(invalid, 400, "INVALID_REQUEST")["timestamp"] == "2031-05-06T07:09:39.123Z"

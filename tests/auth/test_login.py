@@ -305,3 +305,44 @@ async def test_replicas_share_login_throttling_through_redis(
     finally:
         await client.delete(f"lt:auth:login:acct:{username.lower()}", f"lt:auth:login:client:{ip}")
         await client.aclose()
+
+
+# -- whose X-Forwarded-For is believed: the one `trusted_proxies` setting ---------------------
+
+
+async def test_an_untrusted_peer_is_counted_by_its_own_address_whatever_it_forwards(
+    throttled: AuthClient,
+) -> None:
+    peer = "198.51.100.77"  # straight at the auth port, not through a trusted proxy
+    accounts = [await throttled.register() for _ in range(5)]
+    for account in accounts:
+        response = await throttled.login(
+            account.username, "wrong-password", client_ip=_new_ip(), peer=peer
+        )
+        assert_error(response, 401, "AUTH_INVALID_CREDENTIALS")
+
+    rotated = await throttled.login(accounts[0].username, PASSWORD, client_ip=_new_ip(), peer=peer)
+
+    assert_error(rotated, 429, "LOGIN_THROTTLED")  # 5 failures per client: its own address
+
+
+async def test_a_proxy_named_in_trusted_proxies_forwards_its_clients_addresses(
+    start_auth: StartAuth,
+) -> None:
+    async with start_auth(
+        trusted_proxies=["198.51.100.0/24"], login_max_failures_per_client=2
+    ) as auth:
+        account = await auth.register()
+        gateway, client, other = "198.51.100.10", "203.0.113.5", "203.0.113.6"
+        for _ in range(2):
+            await auth.login(account.username, "wrong-password", client_ip=client, peer=gateway)
+
+        # The nearest hop that is not a trusted proxy is the client; what it wrote further left
+        # (a spoofed "other" address) is not believed.
+        spoofed = await auth.login(
+            account.username, PASSWORD, client_ip=f"{other}, {client}", peer=gateway
+        )
+        elsewhere = await auth.login(account.username, PASSWORD, client_ip=other, peer=gateway)
+
+    assert_error(spoofed, 429, "LOGIN_THROTTLED")
+    assert elsewhere.status_code == 200, elsewhere.text

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 
 from tests.e2e.agent_api import (
@@ -17,6 +18,7 @@ from tests.e2e.agent_api import (
     eventually,
     failed,
     ok,
+    open_session,
     page,
     recharge,
     register,
@@ -225,3 +227,57 @@ def test_a_session_the_pool_cannot_fund_fails_with_insufficient_balance(
     assert available(gateway, agent) == 100
     items, _ = page(gateway.get("/v1/sessions", headers=agent.key))
     assert [s["status"] for s in items] == ["failed"]
+
+
+def test_a_request_through_proxy_full_url_with_the_openai_sdk_is_charged_to_the_session(
+    gateway: httpx.Client,
+) -> None:
+    agent = register(gateway)
+    recharge(gateway, agent, 5000)
+    session = open_session(gateway, agent, 2000, product="static-gpt-4o-mini")
+    proxy = session["proxy"]
+    pool = available(gateway, agent)
+
+    # An agent that can only be given a base URL: the credential is in it.
+    client = openai.OpenAI(base_url=proxy["full_url"], api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(
+        model=proxy["model"],
+        messages=[{"role": "user", "content": "Say hello to the session."}],
+        max_tokens=20,
+    )
+    assert answer.choices[0].message.content
+    assert answer.usage is not None
+    used = answer.usage.total_tokens
+    after = ok(gateway.get(f"/v1/sessions/{session['session_id']}", headers=agent.key))
+    assert after["tokens_used"] == used
+    assert after["budget_remaining"] == 2000 - used
+
+    # An SDK that wants a key: base_url + api_key; streamed, usage asked for.
+    keyed = openai.OpenAI(base_url=proxy["base_url"], api_key=proxy["api_key"], max_retries=0)
+    chunks = list(
+        keyed.chat.completions.create(
+            model=proxy["model"],
+            messages=[{"role": "user", "content": "Stream something short."}],
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = next(c.usage for c in reversed(chunks) if c.usage is not None)
+    after = ok(gateway.get(f"/v1/sessions/{session['session_id']}", headers=agent.key))
+    assert after["tokens_used"] == used + streamed.total_tokens
+    assert after["budget_remaining"] == 2000 - used - streamed.total_tokens
+    assert available(gateway, agent) == pool  # the pool paid nothing: the session did
+
+    # Ended: the base URL stops working.
+    ok(gateway.post(f"/v1/sessions/{session['session_id']}/terminate", headers=agent.key))
+
+    def refused() -> bool:
+        try:
+            client.models.list()
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    eventually(refused, within=10, what="terminated session's base URL refused")
+    assert available(gateway, agent) == pool + 2000 - used - streamed.total_tokens

@@ -188,8 +188,10 @@ INTERNAL_TOKEN = "gateway-harness-internal-token"
 
 
 def gateway_settings(upstream_url: str, redis_url: str = "", **gateway: Any) -> Settings:
+    proxies = gateway.pop("trusted_proxies", None)  # a root setting, shared with auth
     return Settings(
         access_log=False,
+        **({} if proxies is None else {"trusted_proxies": proxies}),
         internal_token=INTERNAL_TOKEN,
         redis_url=redis_url,
         urls=dict.fromkeys(SERVICES, upstream_url),

@@ -21,6 +21,7 @@ import pytest_asyncio
 
 from leaky_tokens.shared.authn import REVOCATION_FEED, RemoteAuthenticator
 from leaky_tokens.shared.errors import RevokedApiKey, ServiceUnavailable
+from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER
 from tests.auth.auth_harness import Account, AuthClient, fresh_database, running_auth
 from tests.fake_http import Gate, gated
 
@@ -48,7 +49,11 @@ Follow = Callable[..., AbstractAsyncContextManager[tuple[RemoteAuthenticator, Ga
 def follow(auth: AuthClient) -> Follow:
     @asynccontextmanager
     async def connect(**options: Any) -> AsyncIterator[tuple[RemoteAuthenticator, Gate]]:
-        settings: dict[str, Any] = {"api_key_cache_seconds": 300, "revocation_poll_seconds": 0.05}
+        settings: dict[str, Any] = {
+            "api_key_cache_seconds": 300,
+            "revocation_poll_seconds": 0.05,
+            "internal_token": auth.app.state.internal_token,
+        }
         async with gated(auth.app) as (url, gate):
             authenticator = RemoteAuthenticator(url, issuer="leaky-tokens", **(settings | options))
             try:
@@ -65,7 +70,11 @@ async def revoke(auth: AuthClient, account: Account, key: dict[str, Any]) -> Non
 
 
 async def feed(auth: AuthClient, **params: Any) -> dict[str, Any]:
-    response = await auth.http.get(REVOCATION_FEED, params=params)
+    response = await auth.http.get(
+        REVOCATION_FEED,
+        params=params,
+        headers={INTERNAL_TOKEN_HEADER: auth.app.state.internal_token},
+    )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -107,6 +116,31 @@ async def test_the_feed_lists_revocations_after_a_cursor_in_order(auth: AuthClie
     assert rest["revokedKeyIds"] == [keys[2]["id"]]
     assert rest["hasMore"] is False
     assert (await feed(auth, after=after["cursor"]))["revokedKeyIds"] == []
+
+
+@pytest.mark.parametrize("offered", [None, "", "not-the-token"], ids=["none", "empty", "wrong"])
+async def test_the_feed_needs_the_internal_token(auth: AuthClient, offered: str | None) -> None:
+    account = await auth.register()
+    await revoke(auth, account, await auth.create_api_key(account))
+    headers = {} if offered is None else {INTERNAL_TOKEN_HEADER: offered}
+
+    response = await auth.http.get(REVOCATION_FEED, params={"after": 0}, headers=headers)
+
+    assert response.status_code == 401, response.text
+    assert response.json()["code"] == "AUTH_INVALID_INTERNAL_TOKEN"
+    assert "revokedKeyIds" not in response.text
+
+
+async def test_a_follower_without_the_internal_token_caches_nothing(
+    auth: AuthClient, follow: Follow
+) -> None:
+    account = await auth.register()
+    key = await auth.create_api_key(account)
+
+    async with follow(internal_token="not-the-token") as (authenticator, gate):
+        with pytest.raises(ServiceUnavailable):  # it cannot learn of revocations
+            await authenticator.from_api_key(key["rawKey"])
+        assert gate.paths.count(VALIDATE) == 0
 
 
 async def test_a_cursor_the_feed_never_reached_is_answered_with_the_real_one(
@@ -228,6 +262,7 @@ async def test_with_redis_the_announcement_is_heard_at_once(
             api_key_cache_seconds=300,
             revocation_poll_seconds=30,
             redis_url=redis_url,
+            internal_token=auth.app.state.internal_token,
         )
         try:
             await authenticator.from_api_key(key["rawKey"])

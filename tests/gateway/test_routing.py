@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from leaky_tokens.gateway.routing import RouteTable
-from leaky_tokens.settings import GatewaySettings, RouteLimit
+from leaky_tokens.settings import GatewaySettings, RouteLimit, Settings
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_public_routes_and_trusted_proxies_are_checked_when_settings_load() -> N
     with pytest.raises(ValueError, match="METHOD /path"):
         GatewaySettings(public_routes=["/no-method"])
     with pytest.raises(ValueError):
-        GatewaySettings(trusted_proxies=["not-an-ip"])
+        Settings(trusted_proxies=["not-an-ip"])
     with pytest.raises(ValueError, match="breaker_minimum_calls"):
         GatewaySettings(breaker_minimum_calls=30, breaker_window_size=20)
-    assert GatewaySettings(trusted_proxies=["10.0.0.0/8", "::1"]).trusted_proxies
+    assert Settings(trusted_proxies=["10.0.0.0/8", "::1"]).trusted_proxies

@@ -63,7 +63,10 @@ def _connector(auth: AuthClient) -> Connect:
     @asynccontextmanager
     async def connect(**options: Any) -> AsyncIterator[tuple[RemoteAuthenticator, Gate]]:
         async with gated(auth.app) as (url, gate):
-            authenticator = RemoteAuthenticator(url, issuer="leaky-tokens", **options)
+            token = auth.app.state.internal_token
+            authenticator = RemoteAuthenticator(
+                url, issuer="leaky-tokens", **({"internal_token": token} | options)
+            )
             try:
                 yield authenticator, gate
             finally:

@@ -118,7 +118,7 @@ async def test_a_cancelled_consume_leaves_no_reservation_behind(rig: Rig) -> Non
     user_id = await rig.new_user_pool(1000)
     await rig.set_faults("openai", latencyMs=5000)
     task = asyncio.create_task(
-        rig.service.consume_tokens(user(user_id), consume(user_id, 40), None)
+        rig.service.consume_tokens(user(user_id), consume(user_id, 40), "req_cancelled")
     )
     deadline = time.monotonic() + 5
     while await reservations_left(rig) == 0:
@@ -132,7 +132,9 @@ async def test_a_cancelled_consume_leaves_no_reservation_behind(rig: Rig) -> Non
 
     assert await rig.remaining(user_id) == 1000
     assert await reservations_left(rig) == 0
-    assert [e["decision"] for e in await usage_events(rig)] == ["ABANDONED"]
+    (abandoned,) = await usage_events(rig)
+    assert abandoned["decision"] == "ABANDONED"
+    assert abandoned["requestId"] == "req_cancelled"  # the request it abandoned
 
 
 async def test_the_sweeper_refunds_a_crashed_reservation_exactly_once(rig: Rig) -> None:

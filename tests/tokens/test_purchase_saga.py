@@ -7,18 +7,23 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from leaky_tokens.shared.clock import SystemClock
+from leaky_tokens.shared.clock import Clock, FakeClock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.errors import Forbidden, InvalidRequest
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.pagination import PageRequest
-from leaky_tokens.tokens.errors import IdempotencyConflict, PurchasesDisabled, SagaNotFound
+from leaky_tokens.tokens.errors import (
+    IdempotencyConflict,
+    PurchaseLimitExceeded,
+    PurchasesDisabled,
+    SagaNotFound,
+)
 from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.models import StubPaymentOperation, TokenPool
 from leaky_tokens.tokens.payments import StubPaymentGateway
@@ -322,3 +327,74 @@ async def test_a_user_lists_their_own_sagas_and_an_admin_everyones(saga: SagaRig
     assert ({s.id for s in everyone}, total) == ({mine.id, theirs.id}, 2)
     one, _ = await saga.purchases.list_purchases(admin(), page, bob)
     assert [s.id for s in one] == [theirs.id]
+
+
+# -- daily purchase limits (issue 10: "the payment stub accepts any purchase") -----------------
+
+
+def capped(saga: SagaRig, clock: Clock | None = None, **limits: int) -> PurchaseService:
+    settings = make_settings(saga_retry_base_seconds=0.01, saga_max_attempts=3, **limits)
+    return PurchaseService(
+        saga.db, settings, clock or SystemClock(), saga.flags, saga.orchestrator.wake
+    )
+
+
+async def test_concurrent_purchases_past_the_daily_count_never_reach_the_payment_adapter(
+    saga: SagaRig,
+) -> None:
+    owner = uuid.uuid4()
+    purchases = capped(saga, max_purchases_per_user_per_day=3)
+
+    outcomes = await asyncio.gather(
+        *(purchases.start_purchase(user(owner), buy(owner, 100), f"k-{i}") for i in range(20)),
+        return_exceptions=True,
+    )
+    await saga.run_until_idle()
+
+    started = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, PurchaseLimitExceeded)]
+    assert (len(started), len(refused)) == (3, 17), outcomes
+    assert all(int(e.headers["Retry-After"]) >= 1 for e in refused)
+    async with saga.db.read() as session:
+        paid = await session.scalar(select(func.count(func.distinct(StubPaymentOperation.saga_id))))
+    assert paid == 3  # the refused ones never reached the payment adapter
+    assert await saga.balances(owner) == (0, 0, 300)
+
+
+async def test_the_daily_token_cap_counts_what_was_bought_and_not_what_failed(
+    saga: SagaRig,
+) -> None:
+    owner = uuid.uuid4()
+    purchases = capped(saga, max_purchase_tokens_per_user_per_day=1000)
+
+    await purchases.start_purchase(user(owner), buy(owner, 600), "a")
+    with pytest.raises(PurchaseLimitExceeded):
+        await purchases.start_purchase(user(owner), buy(owner, 600), "b")
+    _, created = await purchases.start_purchase(user(owner), buy(owner, 600), "a")
+    assert not created  # a replay of an accepted purchase is not a new purchase
+    await saga.run_until_idle()
+    await saga.flags.set("saga.simulate-failure", True)
+    failing, _ = await purchases.start_purchase(user(owner), buy(owner, 400), "c")
+    await saga.run_until_idle()
+    assert (await purchases.get_purchase(user(owner), str(failing.id))).status == "FAILED"
+    await saga.flags.set("saga.simulate-failure", False)
+
+    await purchases.start_purchase(user(owner), buy(owner, 400), "d")  # the FAILED one is free
+    with pytest.raises(PurchaseLimitExceeded):
+        await purchases.start_purchase(user(owner), buy(owner, 1), "e")
+    other = uuid.uuid4()
+    await purchases.start_purchase(user(other), buy(other, 1000), "a")  # per user
+
+
+async def test_the_daily_limits_start_again_the_next_utc_day(saga: SagaRig) -> None:
+    owner = uuid.uuid4()
+    clock = FakeClock(datetime(2026, 3, 1, 23, 59, tzinfo=UTC))
+    purchases = capped(saga, clock, max_purchases_per_user_per_day=1)
+    await purchases.start_purchase(user(owner), buy(owner), None)
+    with pytest.raises(PurchaseLimitExceeded) as refused:
+        await purchases.start_purchase(user(owner), buy(owner), None)
+    assert refused.value.headers["Retry-After"] == "60"
+
+    clock.advance(61)
+
+    await purchases.start_purchase(user(owner), buy(owner), None)

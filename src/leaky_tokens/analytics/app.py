@@ -53,6 +53,7 @@ def create_analytics_app(
         routers=[router, event_ingest_router(EVENTS_PATH)],
         lifespan=lifespan,
         log_access=settings.access_log,
+        clock=clock,
     )
     metrics = AnalyticsMetrics(app.state.metrics.registry)
     return app

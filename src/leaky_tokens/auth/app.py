@@ -15,8 +15,10 @@ from leaky_tokens.auth.service import AuthService
 from leaky_tokens.settings import Settings
 from leaky_tokens.shared.app import build_service_app
 from leaky_tokens.shared.authn import announce_revocation
+from leaky_tokens.shared.client_ip import TrustedProxies
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.events import resolve_internal_token
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.principal import Principal
 from leaky_tokens.shared.rate_limit import (
@@ -55,6 +57,11 @@ async def _refresh_keys_forever(service: AuthService, interval: float) -> None:
 def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The data directory is private before any file is made in it (internal token, SQLite).
+        app.state.internal_token = resolve_internal_token(
+            settings.internal_token, settings.data_dir
+        )
+        app.state.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         url = settings.database_url("auth")
         if settings.auto_migrate:
             await upgrade_database(url, "auth")
@@ -100,4 +107,5 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
         routers=[router],
         lifespan=lifespan,
         log_access=settings.access_log,
+        clock=clock,
     )

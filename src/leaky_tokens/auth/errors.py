@@ -60,3 +60,8 @@ class AlreadyMember(Conflict):
 class CannotRemoveOwner(InvalidRequest):
     code = "CANNOT_REMOVE_OWNER"
     default_message = "the organisation's owner cannot be removed"
+
+
+class TooManyApiKeys(Conflict):
+    code = "API_KEY_LIMIT"
+    default_message = "too many active API keys; revoke one first"

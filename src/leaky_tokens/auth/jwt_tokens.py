@@ -32,7 +32,52 @@ class KeyMaterial:
     created_at: datetime
 
 
-def generate_key_material(now: datetime) -> KeyMaterial:
+ENCRYPTED_PEM = "-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+
+class SigningKeyLocked(RuntimeError):
+    """The stored signing keys are encrypted and no (or the wrong) passphrase is configured."""
+
+
+def _encryption(passphrase: bytes | None) -> serialization.KeySerializationEncryption:
+    if passphrase:
+        return serialization.BestAvailableEncryption(passphrase)
+    return serialization.NoEncryption()
+
+
+def is_encrypted(private_pem: str) -> bool:
+    return private_pem.lstrip().startswith(ENCRYPTED_PEM)
+
+
+def load_private_key(private_pem: str, passphrase: bytes | None) -> RSAPrivateKey:
+    """Parse a stored key, encrypted under `passphrase` or plain."""
+    password = passphrase if is_encrypted(private_pem) else None
+    if is_encrypted(private_pem) and not passphrase:
+        raise SigningKeyLocked(
+            "the signing keys are stored encrypted: set LEAKY_AUTH__SIGNING_KEY_PASSPHRASE "
+            "or LEAKY_AUTH__SIGNING_KEY_PASSPHRASE_FILE"
+        )
+    try:
+        loaded = serialization.load_pem_private_key(private_pem.encode(), password=password)
+    except ValueError as exc:
+        if password is not None:
+            raise SigningKeyLocked(
+                "the signing key passphrase does not open the stored keys"
+            ) from exc
+        raise
+    assert isinstance(loaded, RSAPrivateKey)
+    return loaded
+
+
+def reencrypted_pem(private_pem: str, passphrase: bytes | None) -> str:
+    """The same key stored under `passphrase` (or plain without one)."""
+    key = load_private_key(private_pem, passphrase)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _encryption(passphrase)
+    ).decode()
+
+
+def generate_key_material(now: datetime, passphrase: bytes | None = None) -> KeyMaterial:
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     numbers = private.public_key().public_numbers()
     e, n = _b64(numbers.e), _b64(numbers.n)
@@ -42,9 +87,7 @@ def generate_key_material(now: datetime) -> KeyMaterial:
     ).digest()
     kid = base64.urlsafe_b64encode(thumbprint).rstrip(b"=").decode()[:32]
     pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _encryption(passphrase)
     ).decode()
     jwk = {"kty": "RSA", "use": "sig", "alg": ALGORITHM, "kid": kid, "n": n, "e": e}
     return KeyMaterial(kid=kid, private_pem=pem, public_jwk=jwk, created_at=now)
@@ -53,9 +96,10 @@ def generate_key_material(now: datetime) -> KeyMaterial:
 class KeyRing:
     """The newest key signs; the newest two verify and are published in the JWKS."""
 
-    def __init__(self, issuer: str, ttl_seconds: int) -> None:
+    def __init__(self, issuer: str, ttl_seconds: int, passphrase: bytes | None = None) -> None:
         self.issuer = issuer
         self.ttl_seconds = ttl_seconds
+        self._passphrase = passphrase
         self._signing: tuple[str, RSAPrivateKey] | None = None
         self._verifying: dict[str, RSAPublicKey] = {}
         self._published: list[dict[str, str]] = []
@@ -69,9 +113,7 @@ class KeyRing:
             # ~70 ms of CPU on the event loop, so an unchanged signing key is kept as it is.
             private = self._signing[1]
         else:
-            loaded = serialization.load_pem_private_key(current.private_pem.encode(), password=None)
-            assert isinstance(loaded, RSAPrivateKey)
-            private = loaded
+            private = load_private_key(current.private_pem, self._passphrase)
         active = newest_first[:2]
         self._signing = (current.kid, private)
         self._verifying = {m.kid: _public_from_jwk(m.public_jwk) for m in active}

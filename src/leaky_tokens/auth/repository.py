@@ -76,6 +76,27 @@ class AuthRepository:
         )
         return result.scalar_one_or_none()
 
+    async def lock_user(self, user_id: uuid.UUID) -> User | None:
+        """The user, row-locked until the transaction ends on PostgreSQL (SQLite write
+        transactions hold the database's one write lock already)."""
+        statement = select(User).where(User.id == user_id)
+        if self.session.get_bind().dialect.name == "postgresql":
+            statement = statement.with_for_update()
+        result = await self.session.execute(statement)
+        return result.scalar_one_or_none()
+
+    async def count_active_api_keys(self, user_id: uuid.UUID, now: datetime) -> int:
+        count = await self.session.scalar(
+            select(func.count())
+            .select_from(ApiKey)
+            .where(
+                ApiKey.user_id == user_id,
+                ApiKey.revoked_at.is_(None),
+                (ApiKey.expires_at.is_(None)) | (ApiKey.expires_at > now),
+            )
+        )
+        return int(count or 0)
+
     async def api_keys_page(
         self, user_id: uuid.UUID, offset: int, limit: int
     ) -> tuple[Sequence[ApiKey], int]:
@@ -140,6 +161,13 @@ class AuthRepository:
             )
             for r in rows.scalars()
         ]
+
+    async def plain_signing_keys(self) -> list[SigningKey]:
+        """Stored keys not yet encrypted at rest."""
+        rows = await self.session.execute(
+            select(SigningKey).where(SigningKey.private_pem.not_like("%ENCRYPTED PRIVATE KEY%"))
+        )
+        return list(rows.scalars())
 
     async def add_signing_key(self, material: KeyMaterial) -> None:
         self.session.add(

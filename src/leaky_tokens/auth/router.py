@@ -25,8 +25,9 @@ from leaky_tokens.auth.schemas import (
 )
 from leaky_tokens.auth.service import AuthService
 from leaky_tokens.shared.authn import CurrentPrincipal
-from leaky_tokens.shared.client_ip import client_ip
+from leaky_tokens.shared.client_ip import TrustedProxies
 from leaky_tokens.shared.errors import InvalidApiKey, ServiceUnavailable
+from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER, check_internal_token
 from leaky_tokens.shared.pagination import Page, PageParams, page_of
 from leaky_tokens.shared.schemas import HealthRead
 
@@ -37,6 +38,12 @@ PREFIX = "/api/v1/auth"
 def _service(request: Request) -> AuthService:
     service: AuthService = request.app.state.auth_service
     return service
+
+
+def _client(request: Request) -> str:
+    """The caller's address as the edge established it (trusted proxies only)."""
+    proxies: TrustedProxies = request.app.state.trusted_proxies
+    return proxies.client_ip(request)
 
 
 def _session_body(
@@ -69,7 +76,7 @@ async def register(body: RegisterRequest, request: Request) -> SessionRead:
 @router.post(f"{PREFIX}/login", tags=["accounts"])
 async def login(body: LoginRequest, request: Request) -> SessionRead:
     service = _service(request)
-    issued = await service.login(body.username, body.password, client_ip(request))
+    issued = await service.login(body.username, body.password, _client(request))
     user = issued.user
     return _session_body(service, user.id, user.username, issued.token, list(user.roles))
 
@@ -168,7 +175,7 @@ async def validate_api_key(
     )
 
 
-@router.get(f"{PREFIX}/api-keys/revocations", tags=["api keys"])
+@router.get(f"{PREFIX}/api-keys/revocations", tags=["internal"])
 async def api_key_revocations(
     request: Request,
     after: Annotated[int | None, Query(ge=0)] = None,
@@ -177,8 +184,11 @@ async def api_key_revocations(
 ) -> dict[str, Any]:
     """The revocation feed other services follow to drop cached API keys at once: key ids
     revoked after cursor `after` (without it, just the current cursor); with `wait`, an empty
-    answer waits up to that many seconds for one (long poll). Internal: ids only, and the
-    gateway does not route it."""
+    answer waits up to that many seconds for one (long poll). Internal: it needs the internal
+    token (X-Internal-Token), and the gateway does not route it."""
+    check_internal_token(
+        request.app.state.internal_token.encode(), request.headers.get(INTERNAL_TOKEN_HEADER)
+    )
     cursor, key_ids, more = await _service(request).revocations_after(
         after, limit, wait_seconds=wait, gone=request.is_disconnected
     )

@@ -20,11 +20,12 @@ from leaky_tokens.auth.errors import (
     LoginThrottled,
     NotOrgOwner,
     OrgNotFound,
+    TooManyApiKeys,
     UsernameTaken,
     UserNotFound,
     WeakPassword,
 )
-from leaky_tokens.auth.jwt_tokens import KeyRing, generate_key_material
+from leaky_tokens.auth.jwt_tokens import KeyRing, generate_key_material, reencrypted_pem
 from leaky_tokens.auth.models import ApiKey, Organization, OrgMember, User
 from leaky_tokens.auth.passwords import Passwords
 from leaky_tokens.auth.repository import AuthRepository, DuplicateUser
@@ -81,7 +82,8 @@ class AuthService:
         self.announce_revocation: Callable[[int, uuid.UUID], Awaitable[None]] | None = None
         # Set (and replaced) on each revocation here, waking followers waiting on the feed.
         self._revoked_here = asyncio.Event()
-        self.keys = KeyRing(settings.jwt_issuer, settings.jwt_ttl_seconds)
+        self._passphrase = settings.signing_passphrase()
+        self.keys = KeyRing(settings.jwt_issuer, settings.jwt_ttl_seconds, self._passphrase)
         self.passwords = Passwords(
             settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism
         )
@@ -93,10 +95,15 @@ class AuthService:
         async with self.db.transaction() as session:
             repo = AuthRepository(session)
             await repo.lock_signing_keys()
+            if self._passphrase is not None:
+                # Keys written before a passphrase was configured are sealed now.
+                for row in await repo.plain_signing_keys():
+                    row.private_pem = reencrypted_pem(row.private_pem, self._passphrase)
+                await session.flush()
             newest = await repo.newest_signing_keys(1)
             now = self.clock.now()
             if not newest or now - newest[0].created_at >= max_age:
-                await repo.add_signing_key(generate_key_material(now))
+                await repo.add_signing_key(generate_key_material(now, self._passphrase))
         await self.reload_signing_keys()
 
     async def rotate_signing_key_for(self, principal: Principal) -> str:
@@ -115,7 +122,7 @@ class AuthService:
             # replica's clock lags the one that made the previous key, or has not moved since.
             if newest and now <= newest[0].created_at:
                 now = newest[0].created_at + timedelta(microseconds=1)
-            material = generate_key_material(now)
+            material = generate_key_material(now, self._passphrase)
             await repo.add_signing_key(material)
         await self.reload_signing_keys()
         return material.kid
@@ -259,10 +266,14 @@ class AuthService:
             revoked_at=None,
             session_id=session_id,
         )
+        cap = self.settings.max_active_api_keys_per_user
         async with self.db.transaction() as session:
             repo = AuthRepository(session)
-            if await repo.user_by_id(user_id) is None:
+            # Counted under the user's row lock: concurrent creations cannot pass the cap.
+            if await repo.lock_user(user_id) is None:
                 raise UserNotFound()
+            if await repo.count_active_api_keys(user_id, now) >= cap:
+                raise TooManyApiKeys(f"at most {cap} active API keys per user; revoke one first")
             await repo.add_api_key(key)
         return key, raw
 

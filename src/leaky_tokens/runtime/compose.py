@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from leaky_tokens.settings import SERVICES, Settings
 from leaky_tokens.shared.authn import RemoteAuthenticator
+from leaky_tokens.shared.events import resolve_internal_token
 
 
 def remote_authenticator(settings: Settings) -> RemoteAuthenticator:
@@ -22,6 +23,7 @@ def remote_authenticator(settings: Settings) -> RemoteAuthenticator:
         # "Revocation is an event").
         revocation_poll_seconds=client.revocation_poll_seconds,
         redis_url=settings.redis_url,
+        internal_token=resolve_internal_token(settings.internal_token, settings.data_dir),
     )
 
 

@@ -84,9 +84,9 @@ async def serve_services(
             log_config=None,
             access_log=False,
             server_header=False,
-            # uvicorn would believe X-Forwarded-For from any loopback peer; the gateway decides
-            # itself whose to believe (gateway.trusted_proxies), from the real peer address.
-            proxy_headers=name != "gateway",
+            # uvicorn would believe X-Forwarded-For from any loopback peer; our services decide
+            # themselves whose to believe (`trusted_proxies`), from the real peer address.
+            proxy_headers=False,
             timeout_graceful_shutdown=5,
             timeout_keep_alive=30,
         )

@@ -11,7 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from leaky_tokens import __version__
-from leaky_tokens.shared.http import EnvelopeMiddleware, HttpMetrics, install_error_handlers
+from leaky_tokens.shared.clock import Clock
+from leaky_tokens.shared.http import (
+    EnvelopeMiddleware,
+    Face,
+    HttpMetrics,
+    install_error_handlers,
+)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -24,8 +30,12 @@ def build_service_app(
     lifespan: Lifespan | None = None,
     log_access: bool = True,
     description: str = "",
+    clock: Clock | None = None,
+    faces: Callable[[str], Face] | None = None,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
+    """`faces`: which API face each path belongs to (shared/http.py `face_of`), for services
+    that serve more than the plan's; None renders every error in the plan's shape."""
     app = FastAPI(
         title=title,
         version=__version__,
@@ -45,7 +55,14 @@ def build_service_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
-    app.add_middleware(EnvelopeMiddleware, service=service, metrics=metrics, log_access=log_access)
+    app.add_middleware(
+        EnvelopeMiddleware,
+        service=service,
+        metrics=metrics,
+        log_access=log_access,
+        clock=clock,
+        faces=faces,
+    )
     return app
 
 

@@ -35,6 +35,7 @@ from leaky_tokens.shared.errors import (
     RevokedApiKey,
     ServiceUnavailable,
 )
+from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER
 from leaky_tokens.shared.jwt_verify import (
     decode_token,
     principal_from_claims,
@@ -68,8 +69,19 @@ class Authenticator(Protocol):
     async def from_api_key(self, raw_key: str) -> Principal: ...
 
 
+# API keys are `leaky_<userId>_<48 hex>` (auth/api_keys.py); JWTs never start so.
+API_KEY_PREFIX = "leaky_"
+
+
+def is_api_key(token: str) -> bool:
+    """Whether a Bearer credential is one of our API keys (OpenAI's SDKs send the key as
+    `Authorization: Bearer <key>`), not a JWT."""
+    return token.startswith(API_KEY_PREFIX)
+
+
 def credentials_of(request: Request) -> tuple[str, str] | None:
-    """("api_key", key) or ("bearer", token) from the headers; None when neither is sent."""
+    """("api_key", key) or ("bearer", token) from the headers; None when neither is sent. An
+    API key sent as `Authorization: Bearer` counts as an API key."""
     api_key = request.headers.get("x-api-key")
     if api_key is not None:
         if not api_key.strip():
@@ -81,7 +93,8 @@ def credentials_of(request: Request) -> tuple[str, str] | None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidToken("Authorization header must be 'Bearer <token>'")
-    return "bearer", token.strip()
+    token = token.strip()
+    return ("api_key" if is_api_key(token) else "bearer"), token
 
 
 async def authenticate(request: Request) -> Principal:
@@ -122,6 +135,7 @@ class RemoteAuthenticator:
         clock: Clock | None = None,
         revocation_poll_seconds: float | None = None,
         redis_url: str = "",
+        internal_token: str = "",
     ) -> None:
         """`revocation_poll_seconds` set: follow the revocation feed (and, with `redis_url`,
         the pub/sub channel); None: cached key answers simply expire after their time."""
@@ -138,6 +152,8 @@ class RemoteAuthenticator:
         self._key_ttl = api_key_cache_seconds
         self._poll = revocation_poll_seconds
         self._redis_url = redis_url
+        # The feed is internal: it is read with the shared internal token.
+        self._feed_headers = {INTERNAL_TOKEN_HEADER: internal_token} if internal_token else {}
         self._cursor = 0
         self._follower: asyncio.Task[None] | None = None
         self._follow_lock = asyncio.Lock()
@@ -312,7 +328,10 @@ class RemoteAuthenticator:
             params["wait"] = wait
         try:
             response = await self._get(
-                REVOCATION_FEED, params=params, timeout_seconds=self._timeout + wait
+                REVOCATION_FEED,
+                headers=self._feed_headers,
+                params=params,
+                timeout_seconds=self._timeout + wait,
             )
             if response.status != 200:
                 raise ValueError(f"the feed answered {response.status}")

@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from leaky_tokens.shared.errors import InvalidRequest, ServiceUnavailable, Unauthenticated
 from leaky_tokens.shared.outbound import AiohttpOutbound, Outbound, OutboundError
+from leaky_tokens.shared.private_files import private_directory
 from leaky_tokens.shared.schemas import ApiModel, UtcInput
 
 log = logging.getLogger("leaky_tokens.events")
@@ -126,6 +128,16 @@ class InvalidInternalToken(Unauthenticated):
     default_message = f"internal endpoint: missing or wrong {INTERNAL_TOKEN_HEADER}"
 
 
+def check_internal_token(expected: bytes, offered: str | None) -> None:
+    """Refuse (401) a request to an internal endpoint without the shared internal token."""
+    if (
+        offered is None
+        or not expected
+        or not hmac.compare_digest(offered.encode("utf-8", "replace"), expected)
+    ):
+        raise InvalidInternalToken()
+
+
 def resolve_internal_token(configured: str, data_dir: Path) -> str:
     """The configured token, else the one kept in data_dir/internal_token (made on first use).
 
@@ -133,10 +145,12 @@ def resolve_internal_token(configured: str, data_dir: Path) -> str:
     starting together on one data directory all read the same token."""
     if configured:
         return configured
+    private_directory(data_dir)
     path = data_dir / INTERNAL_TOKEN_FILE
     with contextlib.suppress(FileNotFoundError):
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            os.chmod(path, 0o600)  # written by an older version, or copied in by hand
         return _read_token(path)
-    data_dir.mkdir(parents=True, exist_ok=True)
     tmp = data_dir / f".{INTERNAL_TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -216,8 +230,7 @@ class HttpPushConsumer:
         return {}
 
     def check_token(self, offered: str | None) -> None:
-        if offered is None or not hmac.compare_digest(offered.encode(), self._token):
-            raise InvalidInternalToken()
+        check_internal_token(self._token, offered)
 
     async def receive(self, batch: Sequence[Event]) -> None:
         """Hand the batch to the handler; the answer tells the publisher whether it is stored."""

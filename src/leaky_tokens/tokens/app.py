@@ -15,12 +15,18 @@ from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.http import face_of
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 from leaky_tokens.tokens.flags import FeatureFlags
+from leaky_tokens.tokens.inference.adapters import ProviderHttp, build_adapters
+from leaky_tokens.tokens.inference.catalogue import Catalogue
+from leaky_tokens.tokens.inference.router import router as inference_router
+from leaky_tokens.tokens.inference.service import InferenceService
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
-from leaky_tokens.tokens.outbox_relay import start_outbox_relay
+from leaky_tokens.tokens.outbox_relay import outbox_metrics, start_outbox_relay
+from leaky_tokens.tokens.outbox_sweeper import OutboxSweeper, SweeperConfig
 from leaky_tokens.tokens.payments import StubPaymentGateway
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
 from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator, StepObserver
@@ -102,6 +108,13 @@ def create_tokens_app(
         )
         the_clock = clock or SystemClock()
         service = TokenService(database, settings.tokens, the_clock, buckets, providers)
+        provider_http = ProviderHttp(settings.inference)
+        app.state.inference_service = InferenceService(
+            service,
+            settings.inference,
+            Catalogue(settings.inference.models),
+            build_adapters(settings, provider_http),
+        )
         flags = FeatureFlags(database, the_clock)
         await flags.seed(settings.tokens.flags)
         orchestrator = SagaOrchestrator(
@@ -129,6 +142,19 @@ def create_tokens_app(
         # outbox -> analytics (issue 5)
         metrics_registry = app.state.metrics.registry
         relay = await start_outbox_relay(settings, database, metrics_registry, clock=clock)
+        events = settings.events
+        sweeper = OutboxSweeper(
+            database,
+            config=SweeperConfig(
+                retention_seconds=events.outbox_retention_seconds,
+                batch=events.outbox_sweep_batch,
+                every_seconds=events.outbox_sweep_every_seconds,
+            ),
+            clock=the_clock,
+            metrics=outbox_metrics(metrics_registry),
+        )
+        if events.outbox_sweep_enabled:
+            background.append(asyncio.create_task(sweeper.run(), name="outbox-sweeper"))
         try:
             yield
         finally:
@@ -139,6 +165,7 @@ def create_tokens_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await providers.aclose()
+            await provider_http.aclose()
             await buckets.close()
             if redis is not None:
                 await redis.aclose()
@@ -153,7 +180,9 @@ def create_tokens_app(
         description=(
             "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
         ),
-        routers=[router, session_router],
+        routers=[router, inference_router, session_router],
         lifespan=lifespan,
         log_access=settings.access_log,
+        clock=clock,
+        faces=face_of,
     )

@@ -56,3 +56,9 @@ class PurchasesDisabled(AppError):
 class UnknownFlag(NotFound):
     code = "FLAG_NOT_FOUND"
     default_message = "no such feature flag"
+
+
+class PurchaseLimitExceeded(AppError):
+    status = 429
+    code = "PURCHASE_LIMIT_EXCEEDED"
+    default_message = "daily purchase limit reached"

@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -28,7 +29,12 @@ from leaky_tokens.shared.database import Database, Executes
 from leaky_tokens.shared.errors import Forbidden, InvalidRequest
 from leaky_tokens.shared.pagination import PageRequest
 from leaky_tokens.shared.principal import Principal
-from leaky_tokens.tokens.errors import IdempotencyConflict, PurchasesDisabled, SagaNotFound
+from leaky_tokens.tokens.errors import (
+    IdempotencyConflict,
+    PurchaseLimitExceeded,
+    PurchasesDisabled,
+    SagaNotFound,
+)
 from leaky_tokens.tokens.flags import FeatureFlags, FlagState
 from leaky_tokens.tokens.models import PurchaseSaga
 from leaky_tokens.tokens.outbox import purchase_event
@@ -137,6 +143,7 @@ class PurchaseService:
             repo = SagaRepository(session)
             existing = await repo.by_key(request.user_id, key) if key else None
             if existing is None:
+                await self._check_daily_limits(repo, request, now)
                 if await repo.add(saga):
                     await QuotaLedger(session).add_event(
                         _event("PurchaseStarted", saga, STARTED, now)
@@ -152,6 +159,26 @@ class PurchaseService:
             return existing, False
         self._wake()
         return saga, True
+
+    async def _check_daily_limits(
+        self, repo: SagaRepository, request: PurchaseRequest, now: datetime
+    ) -> None:
+        """Per user per UTC day, before anything reaches the payment adapter: at most so many
+        purchases and so many tokens (sagas that ended FAILED cost nothing and do not count).
+        Checked under a per-user lock, so concurrent purchases cannot pass the cap together."""
+        await repo.lock_purchases_of(request.user_id)
+        day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        count, tokens = await repo.purchased_since(request.user_id, day)
+        max_count = self.settings.max_purchases_per_user_per_day
+        max_tokens = self.settings.max_purchase_tokens_per_user_per_day
+        if count + 1 > max_count or tokens + request.tokens > max_tokens:
+            retry = max(1, math.ceil((day + timedelta(days=1) - now).total_seconds()))
+            raise PurchaseLimitExceeded(
+                f"daily purchase limit reached: at most {max_count} purchases and "
+                f"{max_tokens} tokens per user per UTC day ({count} purchases, {tokens} tokens "
+                "today)",
+                headers={"Retry-After": str(retry)},
+            )
 
     async def get_purchase(self, principal: Principal, reference: str) -> PurchaseSaga:
         """By saga id or by the caller's idempotency key; another user's saga is not found."""

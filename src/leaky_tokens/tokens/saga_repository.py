@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+import zlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -41,6 +42,28 @@ class SagaRepository:
         except IntegrityError:
             return False
         return True
+
+    async def lock_purchases_of(self, user_id: uuid.UUID) -> None:
+        """Serialise one user's purchase starts until the transaction ends, so a daily cap is
+        checked and its new saga added atomically (SQLite write transactions already are)."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            await self.session.execute(
+                text("SELECT pg_advisory_xact_lock(:id)"),
+                {"id": zlib.crc32(f"leaky-tokens:purchases:{user_id}".encode())},
+            )
+
+    async def purchased_since(self, user_id: uuid.UUID, since: datetime) -> tuple[int, int]:
+        """(purchases, tokens) the user started since `since`, leaving out those that FAILED."""
+        row = (
+            await self.session.execute(
+                select(func.count(), func.coalesce(func.sum(PurchaseSaga.tokens), 0)).where(
+                    PurchaseSaga.user_id == user_id,
+                    PurchaseSaga.created_at >= since,
+                    PurchaseSaga.status != "FAILED",
+                )
+            )
+        ).one()
+        return int(row[0]), int(row[1])
 
     async def by_id(self, saga_id: uuid.UUID) -> PurchaseSaga | None:
         return await self.session.get(PurchaseSaga, saga_id)

@@ -64,6 +64,10 @@ class SessionNotActive(Conflict):
     default_message = "the session is not active"
 
 
+class SessionEnded(Forbidden):
+    default_message = "this agent session has ended; its credential spends nothing more"
+
+
 class InsufficientBalance(AppError):
     status = 402
     code = "INSUFFICIENT_BALANCE"
@@ -287,6 +291,18 @@ class AgentSessionService:
                 extra={"sessionId": str(session_id)},
             )
         return view, True
+
+    # calls through a session
+    async def model_for_call(self, principal: Principal) -> str:
+        """The model a session credential's /v1 call goes to: the session's current one."""
+        assert principal.session_id is not None
+        async with self.db.read() as session:
+            found = await SessionRepository(session).of_user(
+                principal.user_id, principal.session_id
+            )
+        if found is None or found.status != ACTIVE:
+            raise SessionEnded()
+        return found.model
 
     # reading
     async def get_session(self, principal: Principal, session_id: uuid.UUID) -> SessionView:
