@@ -6,17 +6,38 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.e2e.conftest import Stack
 
 ENVELOPE_FIELDS = {"success", "data", "error", "meta"}
 PAGINATION_FIELDS = {"page", "page_size", "total", "total_pages"}
 REQUEST_ID = re.compile(r"^req_[0-9a-f]{32}$")
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+
+
+@contextmanager
+def agent_stack(
+    stack_env: tuple[Path, dict[str, str], str], extra: dict[str, str] | None = None
+) -> Iterator[Stack]:
+    """`leaky-tokens up` for an agent-API module. Its rate-limit windows live under a key
+    prefix of its own: in the distributed shape every stack shares one Redis, and the agent
+    API counts unauthenticated calls (registrations) per address."""
+    workdir, env, shape = stack_env
+    prefix = {"LEAKY_GATEWAY__RATE_LIMIT_KEY_PREFIX": f"lt:test:{uuid.uuid4().hex}:"}
+    running = Stack(workdir, {**env, **prefix, **(extra or {})}, shape)
+    running.up()
+    try:
+        yield running
+    finally:
+        running.stop_all()
 
 
 def _meta(body: dict[str, Any], response: httpx.Response) -> None:

@@ -9,12 +9,15 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.e2e.agent_api import (
+    agent_stack,
     available,
     failed,
     ok,
@@ -29,8 +32,14 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def gateway(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client("gateway") as client:
+def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
+    with agent_stack(stack_env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def gateway(system: Stack) -> Iterator[httpx.Client]:
+    with system.client("gateway") as client:
         yield client
 
 
@@ -152,3 +161,49 @@ def test_concurrent_terminations_give_the_rest_back_exactly_once(gateway: httpx.
     assert final["tokens_returned"] == 300
     assert final["tokens_used"] == 100
     assert available(gateway, agent) == 1000 - 100
+
+
+def test_fifty_concurrent_streams_in_one_session_never_spend_past_its_budget(
+    gateway: httpx.Client,
+) -> None:
+    agent = register(gateway)
+    recharge(gateway, agent, 10_000)
+    budget = 900  # about a third of what 50 streams of up to ~60 tokens would take
+    session = open_session(gateway, agent, budget, product="static-gpt-4o-mini")
+    proxy = session["proxy"]
+    pool = available(gateway, agent)
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> int | str:
+        try:
+            stream = await client.chat.completions.create(
+                model=proxy["model"],
+                messages=[{"role": "user", "content": f"stream number {i}, please"}],
+                max_tokens=40,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            usage = 0
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage.total_tokens
+            return usage
+        except openai.RateLimitError as exc:  # budget spent (insufficient_quota) or bucket full
+            return f"429:{exc.code}"
+
+    async def all_streams() -> list[int | str]:
+        async with openai.AsyncOpenAI(
+            base_url=proxy["full_url"], api_key="unused", max_retries=0, timeout=120
+        ) as client:
+            return list(await asyncio.gather(*(one(client, i) for i in range(50))))
+
+    outcomes = asyncio.run(all_streams())
+    served = [o for o in outcomes if isinstance(o, int)]
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert served, outcomes
+    assert refused, outcomes  # the budget ran out before 50 streams were served
+    assert all(o > 0 for o in served), outcomes
+    after = ok(gateway.get(f"/v1/sessions/{session['session_id']}", headers=agent.key))
+    assert after["tokens_in_flight"] == 0
+    assert after["tokens_used"] == sum(served) <= budget
+    assert after["budget_remaining"] == budget - sum(served)
+    assert available(gateway, agent) == pool

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
 from tests.e2e.agent_api import (
+    agent_stack,
     available,
     consume_through,
     eventually,
@@ -29,8 +32,14 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def gateway(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client("gateway") as client:
+def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
+    with agent_stack(stack_env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def gateway(system: Stack) -> Iterator[httpx.Client]:
+    with system.client("gateway") as client:
         yield client
 
 
@@ -268,6 +277,23 @@ def test_a_request_through_proxy_full_url_with_the_openai_sdk_is_charged_to_the_
     assert after["tokens_used"] == used + streamed.total_tokens
     assert after["budget_remaining"] == 2000 - used - streamed.total_tokens
     assert available(gateway, agent) == pool  # the pool paid nothing: the session did
+
+    # The gateway saw those calls, and a failing one, for the session's health.
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "Hi"}]
+        )
+
+    def gateway_saw_three() -> dict[str, Any] | None:
+        health = ok(gateway.get(f"/v1/sessions/{session['session_id']}/health", headers=agent.key))
+        return health if health["by_source"]["gateway"]["events"] >= 3 else None
+
+    health = eventually(gateway_saw_three, what="gateway events recorded")
+    assert health["by_source"]["gateway"] == {"events": 3, "errors": 1}
+    assert health["last_error"]["source"] == "gateway"
+    assert health["last_error"]["status_code"] == 404
+    assert health["errors_by_kind"] == {"client": 1}
+    assert health["mean_latency_ms"] is not None
 
     # Ended: the base URL stops working.
     ok(gateway.post(f"/v1/sessions/{session['session_id']}/terminate", headers=agent.key))

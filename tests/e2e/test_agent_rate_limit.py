@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.agent_api import failed, ok, register
+from tests.e2e.agent_api import agent_stack, failed, ok, register
 from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.e2e
@@ -20,21 +20,12 @@ LIMIT = 5
 
 @pytest.fixture(scope="module")
 def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
-    workdir, env, shape = stack_env
-    running = Stack(
-        workdir,
-        {
-            **env,
-            "LEAKY_AGENTS__RATE_LIMIT_REQUESTS": str(LIMIT),
-            "LEAKY_AGENTS__RATE_LIMIT_WINDOW_SECONDS": "3600",
-        },
-        shape,
-    )
-    running.up()
-    try:
+    extra = {
+        "LEAKY_AGENTS__RATE_LIMIT_REQUESTS": str(LIMIT),
+        "LEAKY_AGENTS__RATE_LIMIT_WINDOW_SECONDS": "3600",
+    }
+    with agent_stack(stack_env, extra) as running:
         yield running
-    finally:
-        running.stop_all()
 
 
 @pytest.fixture(scope="module")

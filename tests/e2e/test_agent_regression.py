@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 
 from leaky_tokens.agents.router import router
 from tests.e2e.agent_api import (
+    agent_stack,
     failed,
     ok,
     open_session,
@@ -71,8 +73,14 @@ BAD_BODIES: dict[str, list[Any]] = {
 
 
 @pytest.fixture(scope="module")
-def gateway(stack: Stack) -> Iterator[httpx.Client]:
-    with stack.client("gateway") as client:
+def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
+    with agent_stack(stack_env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def gateway(system: Stack) -> Iterator[httpx.Client]:
+    with system.client("gateway") as client:
         yield client
 
 

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.e2e.agent_api import (
     Agent,
+    agent_stack,
     consume_through,
     eventually,
     failed,
@@ -49,13 +50,9 @@ JWT_TTL_SECONDS = 30  # the least the settings allow: the expired-token case wai
 
 @pytest.fixture(scope="module")
 def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
-    workdir, env, shape = stack_env
-    running = Stack(workdir, {**env, "LEAKY_AUTH__JWT_TTL_SECONDS": str(JWT_TTL_SECONDS)}, shape)
-    running.up()
-    try:
+    extra = {"LEAKY_AUTH__JWT_TTL_SECONDS": str(JWT_TTL_SECONDS)}
+    with agent_stack(stack_env, extra) as running:
         yield running
-    finally:
-        running.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ and its own error renderer; the dispatch below sends every path but the gateway'
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from leaky_tokens.agents.app import AgentDispatch, SessionProxyPath, create_agent_app
+from leaky_tokens.agents.observe import SessionObserver, drain
 from leaky_tokens.gateway.dashboard import DashboardFiles
 from leaky_tokens.gateway.edge import GatewayEdge, GatewayMetrics
 from leaky_tokens.gateway.health import HEALTH_PATHS, aggregate
@@ -151,6 +153,7 @@ def create_gateway_app(
             edge.attach(edge_authenticator, limiter, upstreams)
             yield
         finally:
+            await drain(observations)
             await agent_app.state.services.aclose()
             for upstream in upstreams.values():
                 await upstream.aclose()
@@ -218,5 +221,14 @@ def create_gateway_app(
         )
     )
     app.user_middleware.append(Middleware(SessionProxyPath))
+    observations: set[asyncio.Task[None]] = set()
+    app.user_middleware.append(
+        Middleware(
+            SessionObserver,
+            authenticator=authenticator,
+            services=agent_app.state.services,
+            pending=observations,
+        )
+    )
     app.user_middleware.append(Middleware(EdgeDispatch, edge=edge, own_paths=own_paths))
     return app
