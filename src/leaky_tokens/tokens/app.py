@@ -15,6 +15,7 @@ from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.events import resolve_internal_token
 from leaky_tokens.shared.http import face_of
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
@@ -30,7 +31,7 @@ from leaky_tokens.tokens.outbox_sweeper import OutboxSweeper, SweeperConfig
 from leaky_tokens.tokens.payments import StubPaymentGateway
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
 from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator, StepObserver
-from leaky_tokens.tokens.router import router
+from leaky_tokens.tokens.router import internal_router, router
 from leaky_tokens.tokens.service import TokenService
 from leaky_tokens.tokens.session_router import router as session_router
 from leaky_tokens.tokens.sessions import AgentSessionService
@@ -130,6 +131,9 @@ def create_tokens_app(
             database, settings.tokens, the_clock, flags, orchestrator.wake
         )
         app.state.authenticator = authenticator
+        app.state.internal_token = resolve_internal_token(
+            settings.internal_token, settings.data_dir
+        )
         sessions = AgentSessionService(database, settings.tokens, the_clock)
         app.state.session_service = sessions
         background = [
@@ -180,7 +184,7 @@ def create_tokens_app(
         description=(
             "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
         ),
-        routers=[router, inference_router, session_router],
+        routers=[router, inference_router, internal_router, session_router],
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,
