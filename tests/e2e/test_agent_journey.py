@@ -307,3 +307,42 @@ def test_a_request_through_proxy_full_url_with_the_openai_sdk_is_charged_to_the_
 
     eventually(refused, within=10, what="terminated session's base URL refused")
     assert available(gateway, agent) == pool + 2000 - used - streamed.total_tokens
+
+
+def test_rotation_skips_a_provider_whose_circuit_breaker_is_open(
+    system: Stack, gateway: httpx.Client
+) -> None:
+    internal = {"X-Internal-Token": system.internal_token()}
+    with system.client("qwen") as qwen:
+        down = qwen.put("/api/v1/qwen/faults", headers=internal, json={"down": True})
+        assert down.status_code == 200, down.text
+        try:
+            agent = register(gateway)
+            recharge(gateway, agent, 2000)
+            recharge(gateway, agent, 1000, provider="qwen")
+            session = open_session(gateway, agent, 500)
+            assert session["model"] == "gpt-4o-mini"  # the product's first model
+            qwen_call = {"userId": agent.agent_id, "provider": "qwen", "tokens": 1, "prompt": "x"}
+
+            def breaker_open() -> bool:
+                failed_call = gateway.post(
+                    "/api/v1/tokens/consume", headers=agent.key, json=qwen_call
+                )
+                assert failed_call.status_code in (502, 503), failed_call.text
+                status = gateway.get("/api/v1/tokens/status").json()
+                return bool(status["providers"]["qwen"]["state"] == "open")
+
+            eventually(breaker_open, within=60, every=0.05, what="qwen's breaker open")
+            rotated = ok(
+                gateway.post(
+                    f"/v1/sessions/{session['session_id']}/rotate",
+                    headers=agent.key,
+                    json={"reason": "openai is slow"},
+                )
+            )
+            # The next model is qwen-turbo, whose provider is refused: the one after it.
+            assert rotated["rotation"]["moved"] is True
+            assert rotated["rotation"]["to_provider"] == "gemini"
+            assert rotated["model"] == "gemini-2.5-flash"
+        finally:
+            qwen.delete("/api/v1/qwen/faults", headers=internal)
