@@ -232,9 +232,15 @@ def test_a_session_credential_spends_only_and_cannot_manage(gateway: httpx.Clien
         ("POST", f"/v1/sessions/{session['session_id']}/terminate"),
     ):
         failed(gateway.request(method, path, headers=credential), 403, "FORBIDDEN")
-    # It cannot mint keys at the auth service either.
+    # It cannot mint keys at the auth service, nor buy tokens, either.
     minted = gateway.post("/api/v1/auth/api-keys", headers=credential, json={"name": "escape"})
     assert minted.status_code == 403, minted.text
+    bought = gateway.post(
+        "/api/v1/tokens/purchase",
+        headers={**credential, "Idempotency-Key": uuid.uuid4().hex},
+        json={"userId": agent.agent_id, "provider": "openai", "tokens": 10},
+    )
+    assert bought.status_code == 403, bought.text
     assert ok(gateway.get(f"/v1/sessions/{session['session_id']}", headers=agent.key))[
         "status"
     ] == ("active")

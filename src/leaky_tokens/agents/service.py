@@ -200,8 +200,8 @@ class AgentService:
                 "provider": p["provider"],
                 "owner_kind": p["kind"],
                 "owner_id": p["ownerId"],
-                "allowance_tokens": p["totalTokens"],
-                "available_tokens": p["remainingTokens"],
+                "total_tokens": p["totalTokens"],  # allowance + credit at a window's start
+                "available_tokens": p["remainingTokens"],  # what can be spent now
                 "resets_at": p["resetAt"],
             }
             for p in items
