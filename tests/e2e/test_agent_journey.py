@@ -346,3 +346,37 @@ def test_rotation_skips_a_provider_whose_circuit_breaker_is_open(
             assert rotated["model"] == "gemini-2.5-flash"
         finally:
             qwen.delete("/api/v1/qwen/faults", headers=internal)
+
+
+def test_a_static_session_rotates_its_credential_only(gateway: httpx.Client) -> None:
+    agent = register(gateway)
+    recharge(gateway, agent, 1000)
+    session = open_session(gateway, agent, 300, product="static-gpt-4o-mini")
+    old = session["proxy"]["api_key"]
+    rotated = ok(
+        gateway.post(
+            f"/v1/sessions/{session['session_id']}/rotate",
+            headers=agent.key,
+            json={"reason": "credential leaked in a log"},
+        )
+    )
+    assert rotated["rotation"]["moved"] is False
+    assert rotated["model"] == rotated["rotation"]["to_model"] == "gpt-4o-mini"
+    assert rotated["rotation"]["reason"] == "credential leaked in a log"
+    assert rotated["proxy"]["api_key"] != old
+    assert rotated["rotations"] == 1
+    eventually(
+        lambda: consume_through(gateway, agent, old, 1).status_code == 401,
+        within=10,
+        what="old credential refused",
+    )
+    assert consume_through(gateway, agent, rotated["proxy"]["api_key"], 10).status_code == 200
+    # A session that has ended cannot be rotated.
+    ok(gateway.post(f"/v1/sessions/{session['session_id']}/terminate", headers=agent.key))
+    failed(
+        gateway.post(
+            f"/v1/sessions/{session['session_id']}/rotate", headers=agent.key, json={"reason": "x"}
+        ),
+        409,
+        "SESSION_NOT_ACTIVE",
+    )
