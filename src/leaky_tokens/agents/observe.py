@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 
+from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leaky_tokens.agents.upstreams import AgentError, Services
@@ -41,14 +42,15 @@ class SessionObserver:
         authenticator: Authenticator,
         services: Services,
         pending: set[asyncio.Task[None]],
+        dropped: Counter,
     ) -> None:
         """`pending`: the records on their way, owned by the lifespan (which waits for them
-        before closing `services`)."""
+        before closing `services`); `dropped` counts those given up when too many were."""
         self.app = app
         self.authenticator = authenticator
         self.services = services
         self.pending = pending
-        self.dropped = 0
+        self.dropped = dropped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in _OBSERVED:
@@ -74,7 +76,7 @@ class SessionObserver:
 
     def _record(self, credential: str, status: int, latency_ms: int) -> None:
         if len(self.pending) >= _MAX_PENDING:
-            self.dropped += 1
+            self.dropped.inc()
             return
         task = asyncio.get_running_loop().create_task(self._send(credential, status, latency_ms))
         self.pending.add(task)
@@ -102,6 +104,14 @@ class SessionObserver:
             )
         except AgentError as exc:
             log.debug("session event not recorded: %s", exc.message)
+
+
+def dropped_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "agent_session_observations_dropped",
+        "Gateway observations of session calls not recorded (too many on their way)",
+        registry=registry,
+    )
 
 
 async def drain(pending: set[asyncio.Task[None]], timeout_seconds: float = 2.0) -> None:

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from leaky_tokens.agents.app import AgentDispatch, SessionProxyPath, create_agent_app
-from leaky_tokens.agents.observe import SessionObserver, drain
+from leaky_tokens.agents.observe import SessionObserver, drain, dropped_counter
 from leaky_tokens.gateway.dashboard import DashboardFiles
 from leaky_tokens.gateway.edge import GatewayEdge, GatewayMetrics
 from leaky_tokens.gateway.health import HEALTH_PATHS, aggregate
@@ -228,6 +228,7 @@ def create_gateway_app(
             authenticator=authenticator,
             services=agent_app.state.services,
             pending=observations,
+            dropped=dropped_counter(app.state.metrics.registry),
         )
     )
     app.user_middleware.append(Middleware(EdgeDispatch, edge=edge, own_paths=own_paths))
