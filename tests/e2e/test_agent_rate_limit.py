@@ -59,3 +59,14 @@ def test_past_the_limit_a_caller_gets_429_with_retry_after_and_the_headers(
     # Another agent has its own allowance.
     other = register(gateway, "other")
     ok(gateway.get("/v1/account/info", headers=other.key))
+
+
+def test_callers_without_a_credential_count_per_client_address_behind_a_trusted_proxy(
+    gateway: httpx.Client,
+) -> None:
+    # The test client is on 127.0.0.1, a trusted proxy by default: its X-Forwarded-For counts.
+    first = {"X-Forwarded-For": "198.51.100.7"}
+    for _ in range(LIMIT):
+        ok(gateway.get("/v1/health", headers=first))
+    failed(gateway.get("/v1/health", headers=first), 429, "RATE_LIMITED")
+    ok(gateway.get("/v1/health", headers={"X-Forwarded-For": "198.51.100.8"}))

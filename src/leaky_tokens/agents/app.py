@@ -18,6 +18,7 @@ from leaky_tokens.agents.service import AgentService
 from leaky_tokens.agents.upstreams import AgentError, Services
 from leaky_tokens.settings import Settings
 from leaky_tokens.shared.authn import Authenticator
+from leaky_tokens.shared.client_ip import TrustedProxies
 from leaky_tokens.shared.rate_limit import FixedWindowLimiter, Policy, limit_headers
 
 # The agent API's paths (DESIGN.md, "Three faces"): answered in its envelope, never by the
@@ -85,13 +86,12 @@ def create_agent_app(
     return app
 
 
-def _caller_key(scope: Scope) -> str:
-    """Whom a request counts against: its API key or Bearer token (hashed), else its address."""
+def _credential_key(scope: Scope) -> str | None:
+    """A request's API key or Bearer token, hashed (whom it counts against), if it sent one."""
     for name, value in scope["headers"]:
         if name in (b"x-api-key", b"authorization") and value.strip():
             return "cred:" + hashlib.sha256(value.strip()).hexdigest()[:32]
-    client = scope.get("client") or ("unknown", 0)
-    return f"addr:{client[0]}"
+    return None
 
 
 class AgentDispatch:
@@ -114,6 +114,7 @@ class AgentDispatch:
         self.address_policy = Policy(
             "agent-address", gateway.address_limit_requests, gateway.address_limit_window_seconds
         )
+        self.proxies = TrustedProxies(settings.trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_agent_path(scope["path"]):
@@ -123,9 +124,11 @@ class AgentDispatch:
         if limiter is None:  # not started yet
             await self.agent_app(scope, receive, send)
             return
-        client = scope.get("client") or ("unknown", 0)
+        peer = (scope.get("client") or ("unknown", 0))[0]
+        forwarded = [v.decode("latin-1") for n, v in scope["headers"] if n == b"x-forwarded-for"]
+        address = "addr:" + self.proxies.client_of(peer, forwarded)
         decision = await limiter.hit(
-            [(_caller_key(scope), self.policy), (f"addr:{client[0]}", self.address_policy)]
+            [(_credential_key(scope) or address, self.policy), (address, self.address_policy)]
         )
         headers = limit_headers(decision)
         if not decision.allowed:
