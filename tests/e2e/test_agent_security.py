@@ -232,6 +232,11 @@ def test_a_session_credential_spends_only_and_cannot_manage(gateway: httpx.Clien
         ("POST", f"/v1/sessions/{session['session_id']}/terminate"),
     ):
         failed(gateway.request(method, path, headers=credential), 403, "FORBIDDEN")
+    # Nor be exchanged for a Bearer token (with the account's own secret).
+    exchanged = gateway.post(
+        "/v1/auth/token", json={"api_key": proxy["api_key"], "api_secret": agent.api_secret}
+    )
+    failed(exchanged, 403, "FORBIDDEN")
     # It cannot mint keys at the auth service, nor buy tokens, either.
     minted = gateway.post("/api/v1/auth/api-keys", headers=credential, json={"name": "escape"})
     assert minted.status_code == 403, minted.text
