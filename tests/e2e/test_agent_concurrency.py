@@ -189,6 +189,12 @@ def test_fifty_concurrent_streams_in_one_session_never_spend_past_its_budget(
             return usage
         except openai.RateLimitError as exc:  # budget spent (insufficient_quota) or bucket full
             return f"429:{exc.code}"
+        except openai.InternalServerError as exc:
+            # The gateway could not reach the token service in time (a loaded machine): a clear
+            # error, nothing charged; the budget's invariants below hold whatever the mix.
+            if exc.status_code != 503:
+                raise
+            return "503"
 
     async def all_streams() -> list[int | str]:
         async with openai.AsyncOpenAI(
@@ -200,7 +206,7 @@ def test_fifty_concurrent_streams_in_one_session_never_spend_past_its_budget(
     served = [o for o in outcomes if isinstance(o, int)]
     refused = [o for o in outcomes if isinstance(o, str)]
     assert served, outcomes
-    assert refused, outcomes  # the budget ran out before 50 streams were served
+    assert any(o.startswith("429") for o in refused), outcomes  # the budget ran out
     assert all(o > 0 for o in served), outcomes
     after = ok(gateway.get(f"/v1/sessions/{session['session_id']}", headers=agent.key))
     assert after["tokens_in_flight"] == 0
