@@ -78,6 +78,19 @@ class ApiKeyValidation(ApiModel):
     roles: list[str]
     api_key_id: uuid.UUID
     org_ids: list[uuid.UUID]
+    # The principal-change feed's cursor when this answer was read (a cached answer older than
+    # a change about its user or orgs is asked again).
+    feed_seq: int = 0
+
+
+class RolesUpdate(RequestModel):
+    roles: list[str] = Field(min_length=1, max_length=8)
+
+
+class UserRolesRead(ApiModel):
+    user_id: uuid.UUID
+    username: str
+    roles: list[str]
 
 
 class OrgCreate(RequestModel):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from leaky_tokens.settings import SERVICES, Settings
+from leaky_tokens.shared.app import exposure_of
 from leaky_tokens.shared.authn import RemoteAuthenticator
 from leaky_tokens.shared.events import resolve_internal_token
 
@@ -61,6 +62,7 @@ def _provider(name: str) -> Callable[[Settings], FastAPI]:
             internal_token=resolve_internal_token(settings.internal_token, settings.data_dir),
             settings=settings.stubs,
             log_access=settings.access_log,
+            exposure=exposure_of(settings),
         )
 
     return build
