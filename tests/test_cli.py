@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from leaky_tokens.shared.migrations import head_revision
+from tests.live_server import closed_port
 
 
 def run_cli(
@@ -68,6 +69,7 @@ def test_unknown_service_is_refused(tmp_path: Path) -> None:
 
 def test_admin_commands_create_a_user_and_a_quota(tmp_path: Path) -> None:
     env = clean_env(tmp_path)
+    env["LEAKY_URLS__TOKENS"] = f"http://127.0.0.1:{closed_port()}"  # no token service running
     created = run_cli(
         "admin",
         "create-user",
@@ -108,6 +110,55 @@ def test_admin_commands_create_a_user_and_a_quota(tmp_path: Path) -> None:
     )
     assert quota.returncode == 0, quota.stderr
     assert "total=1000 remaining=1000" in quota.stdout
+    assert "through the running token service" not in quota.stdout
     migrated = run_cli("migrate", env=env)
     assert migrated.returncode == 0
     assert f"auth: at {head_revision('auth')}" in migrated.stdout
+
+
+async def test_set_quota_goes_through_the_running_token_service(tmp_path: Path) -> None:
+    """Issue 9, defect 3: the CLI wrote the service's SQLite file behind its back (and froze
+    every service of that process for seconds). With the service up, it asks the service."""
+    import asyncio
+    import uuid
+
+    from leaky_tokens.settings import Settings
+    from leaky_tokens.shared.principal import Principal
+    from leaky_tokens.tokens.app import create_tokens_app
+    from leaky_tokens.tokens.service import USER_POOL
+    from tests.gateway.gateway_harness import FakeAuthenticator
+    from tests.live_server import serving
+
+    data_dir = tmp_path / "var"
+    settings = Settings(access_log=False, data_dir=data_dir)
+    app = create_tokens_app(settings, authenticator=FakeAuthenticator())
+    user = uuid.uuid4()
+    async with serving(app, lifespan=True) as url:
+        env = clean_env(tmp_path)
+        env["LEAKY_URLS__TOKENS"] = url
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "leaky_tokens.cli",
+            "admin",
+            "set-quota",
+            "--provider",
+            "openai",
+            "--total",
+            "500",
+            "--remaining",
+            "200",
+            "--user-id",
+            str(user),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        admin = Principal(user_id=uuid.uuid4(), roles=frozenset({"USER", "ADMIN"}))
+        view = await app.state.token_service.get_quota(admin, USER_POOL, user, "openai")
+
+    assert process.returncode == 0, err.decode()
+    assert "through the running token service" in out.decode()
+    assert "total=500 remaining=200" in out.decode()
+    assert (view.total_tokens, view.remaining_tokens) == (500, 200)

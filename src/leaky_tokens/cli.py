@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -202,6 +202,25 @@ def set_quota(
         from leaky_tokens.shared.migrations import upgrade_database
         from leaky_tokens.tokens.service import TokenService
 
+        owner_field = "userId" if user_id else "orgId"
+        body = {owner_field: str(owner), "provider": provider, "totalTokens": total}
+        if remaining is not None:
+            body["remainingTokens"] = remaining
+        through_service = await _via_running_service(
+            settings, "/internal/quota" + ("" if user_id else "/org"), body
+        )
+        if through_service is not None:
+            status, answer = through_service
+            if status != 200:
+                typer.echo(f"leaky-tokens: {answer.get('message', status)}", err=True)
+                return 1
+            typer.echo(
+                f"{'user' if user_id else 'org'} {answer[owner_field]} {answer['provider']}: "
+                f"total={answer['totalTokens']} remaining={answer['remainingTokens']} "
+                f"resets {answer['resetAt']} (through the running token service)"
+            )
+            return 0
+
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         url = settings.database_url("tokens")
         await upgrade_database(url, "tokens")
@@ -229,6 +248,41 @@ def set_quota(
         return 0
 
     raise typer.Exit(_run(run()))
+
+
+async def _via_running_service(
+    settings: Settings, path: str, body: dict[str, object]
+) -> tuple[int, dict[str, Any]] | None:
+    """PUT `body` to the running token service's internal admin API: (status, answer), or None
+    when no token service answers (then the caller writes the database itself). Going through
+    the service keeps its process the only writer of its SQLite file while it runs."""
+    import orjson
+
+    from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER, resolve_internal_token
+    from leaky_tokens.shared.outbound import OutboundError, client_session, fetch
+
+    token = resolve_internal_token(settings.internal_token, settings.data_dir)
+    session = client_session(max_connections=1, connect_seconds=1.0)
+    try:
+        answer = await fetch(
+            session,
+            "PUT",
+            settings.url_of("tokens") + path,
+            timeout_seconds=30.0,
+            headers={INTERNAL_TOKEN_HEADER: token},
+            json_body=body,
+        )
+    except OutboundError as exc:
+        if exc.kind == "connect":
+            return None
+        _fail(f"the running token service did not answer ({exc.reason})", code=1)
+        raise  # (not reached)
+    finally:
+        await session.close()
+    parsed = orjson.loads(answer.body) if answer.body else {}
+    if answer.status == 404:
+        return None  # something else listens there (an older token service): use the file
+    return answer.status, parsed if isinstance(parsed, dict) else {}
 
 
 def _auth_service(settings: Settings):  # type: ignore[no-untyped-def]

@@ -170,6 +170,90 @@ class TokensSettings(BaseModel):
         return self
 
 
+class CatalogueModel(BaseModel):
+    """One model of the /v1 catalogue: who serves it, under which name, and its limits."""
+
+    provider: Literal["openai", "qwen", "gemini"]
+    upstream_model: str = Field(min_length=1)  # the name the provider knows it by
+    context_window: int = Field(ge=16)  # prompt + output tokens the model accepts
+    max_output_tokens: int = Field(ge=1)  # its longest answer (the allowance when none asked)
+
+    @model_validator(mode="after")
+    def _fits(self) -> CatalogueModel:
+        if self.max_output_tokens > self.context_window:
+            raise ValueError("max_output_tokens must not exceed context_window")
+        return self
+
+
+def _model(provider: str, upstream: str, context: int, output: int) -> CatalogueModel:
+    return CatalogueModel.model_validate(
+        {
+            "provider": provider,
+            "upstream_model": upstream,
+            "context_window": context,
+            "max_output_tokens": output,
+        }
+    )
+
+
+# Served by the stubs out of the box; each id also answers as "<provider>/<id>".
+DEFAULT_CATALOGUE: dict[str, CatalogueModel] = {
+    "gpt-4o-mini": _model("openai", "gpt-4o-mini", 128_000, 16_384),
+    "gpt-4.1-mini": _model("openai", "gpt-4.1-mini", 1_047_576, 32_768),
+    "qwen-turbo": _model("qwen", "qwen-turbo", 131_072, 8_192),
+    "qwen-plus": _model("qwen", "qwen-plus", 131_072, 8_192),
+    "gemini-2.5-flash": _model("gemini", "gemini-2.5-flash", 1_048_576, 65_536),
+    "gemini-2.0-flash": _model("gemini", "gemini-2.0-flash", 1_048_576, 8_192),
+}
+
+
+class ProviderEndpoint(BaseModel):
+    """Where the /v1 adapters reach one provider's real API. Empty `base_url`: the stub
+    (OpenAI `<stub>/v1`, DashScope `<stub>/compatible-mode/v1`, Gemini `<stub>/v1beta`); a
+    real one is e.g. https://api.openai.com/v1, https://dashscope-intl.aliyuncs.com/
+    compatible-mode/v1 or https://generativelanguage.googleapis.com/v1beta. The key is a secret:
+    never logged, never shown in a repr."""
+
+    base_url: str = ""
+    api_key: SecretStr = SecretStr("")
+
+
+class InferenceSettings(BaseModel):
+    """The OpenAI-compatible /v1 API of the token service (issue 11)."""
+
+    models: dict[str, CatalogueModel] = Field(default_factory=lambda: dict(DEFAULT_CATALOGUE))
+    providers: dict[str, ProviderEndpoint] = Field(default_factory=dict)
+    # A request is refused (nothing charged) when the pool cannot cover its prompt and this
+    # many answer tokens; otherwise the provider's max_tokens is lowered to what it covers.
+    min_answer_tokens: int = Field(16, ge=1)
+    # One plain call, first byte to last; for a stream, the wait for its first event.
+    timeout_seconds: float = Field(120.0, gt=0)
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    # The longest silence between two events of a stream before it counts as cut.
+    stream_idle_seconds: float = Field(60.0, gt=0)
+    # Tries in total; another try only when nothing reached the provider (connection refused)
+    # or it answered 429/503 with a retry hint no longer than `max_retry_wait_seconds`.
+    attempts: int = Field(2, ge=1, le=5)
+    max_retry_wait_seconds: float = Field(2.0, ge=0)
+    max_connections: int = Field(512, ge=1)
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: dict[str, ProviderEndpoint]) -> dict[str, ProviderEndpoint]:
+        unknown = sorted(set(value) - set(PROVIDERS))
+        if unknown:
+            raise ValueError(f"unknown providers {unknown}; expected some of {list(PROVIDERS)}")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _plain_ids(cls, value: dict[str, CatalogueModel]) -> dict[str, CatalogueModel]:
+        for model_id in value:
+            if not model_id or model_id.strip() != model_id:
+                raise ValueError(f"model id {model_id!r} must be non-empty, without spaces")
+        return value
+
+
 class AnalyticsSettings(BaseModel):
     database_url: str = ""
 
@@ -191,6 +275,12 @@ class EventsSettings(BaseModel):
     stream_maxlen: int = Field(1_000_000, ge=1000)
     consumer_group: str = Field("analytics", min_length=1)
     reclaim_idle_seconds: float = Field(30.0, gt=0)
+    # The outbox sweeper (token service): published rows older than the retention are purged
+    # in batches of at most outbox_sweep_batch rows, one short transaction each.
+    outbox_sweep_enabled: bool = True
+    outbox_retention_seconds: float = Field(86_400.0, ge=0)
+    outbox_sweep_batch: int = Field(1000, ge=1, le=10_000)
+    outbox_sweep_every_seconds: float = Field(30.0, gt=0)
 
 
 class RouteLimit(BaseModel):
@@ -244,6 +334,10 @@ class GatewaySettings(BaseModel):
     upstream_timeout_seconds: float = Field(10.0, gt=0)
     # The whole answer, last byte included (a long stream is cut here).
     answer_timeout_seconds: float = Field(300.0, gt=0)
+    # For the OpenAI-compatible /v1 routes only, in place of `upstream_timeout_seconds`: a
+    # plain completion's headers come once the provider has answered whole, and a stream may
+    # fall silent while a model thinks (the token service bounds both itself, a little sooner).
+    inference_upstream_timeout_seconds: float = Field(150.0, gt=0)
     # How long a request waits for one of the upstream's connections before a 503.
     pool_wait_seconds: float = Field(1.0, ge=0)
     health_timeout_seconds: float = Field(2.0, gt=0)
@@ -344,6 +438,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     auth_client: AuthClientSettings = AuthClientSettings()
     tokens: TokensSettings = TokensSettings()
+    inference: InferenceSettings = InferenceSettings()
     analytics: AnalyticsSettings = AnalyticsSettings()
     events: EventsSettings = EventsSettings()
     gateway: GatewaySettings = GatewaySettings()

@@ -38,7 +38,7 @@ def _pooled_client(redis_url: str, max_connections: int = 64) -> redis.Redis:
     # The default pool raises MaxConnectionsError past 100 commands in flight; hammering with
     # 500 needs callers to queue for a connection, as a service's client must too.
     pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=max_connections)
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 async def _delete_keys(client: redis.Redis, prefix: str) -> None:

@@ -187,7 +187,9 @@ class Gateway:
 INTERNAL_TOKEN = "gateway-harness-internal-token"
 
 
-def gateway_settings(upstream_url: str, redis_url: str = "", **gateway: Any) -> Settings:
+def gateway_settings(
+    upstream_url: str, redis_url: str = "", redis: dict[str, Any] | None = None, **gateway: Any
+) -> Settings:
     proxies = gateway.pop("trusted_proxies", None)  # a root setting, shared with auth
     return Settings(
         access_log=False,
@@ -196,6 +198,7 @@ def gateway_settings(upstream_url: str, redis_url: str = "", **gateway: Any) -> 
         **({} if proxies is None else {"trusted_proxies": proxies}),
         internal_token=INTERNAL_TOKEN,
         redis_url=redis_url,
+        redis=redis or {},
         urls=dict.fromkeys(SERVICES, upstream_url),
         gateway=gateway,
     )
@@ -207,6 +210,7 @@ async def running_gateway(
     upstream_url: str | None = None,
     authenticator: Authenticator | None = None,
     redis_url: str = "",
+    redis: dict[str, Any] | None = None,
     clock: FakeClock | None = None,
     **gateway: Any,
 ) -> AsyncIterator[Gateway]:
@@ -216,7 +220,7 @@ async def running_gateway(
     clock = clock or FakeClock()
     async with contextlib.AsyncExitStack() as stack:
         url = upstream_url or await stack.enter_async_context(serving(upstream))
-        settings = gateway_settings(url, redis_url, **gateway)
+        settings = gateway_settings(url, redis_url, redis, **gateway)
         app = create_gateway_app(settings, authenticator=auth, clock=clock)
         await stack.enter_async_context(app.router.lifespan_context(app))
         running = Gateway(app, upstream, auth, clock, settings)

@@ -29,6 +29,7 @@ class UsageEvent(AnalyticsBase):
         Index("ix_usage_event_provider_time", "provider", "occurred_at"),
         Index("ix_usage_event_user_provider_time", "user_id", "provider", "occurred_at"),
         Index("ix_usage_event_org_provider_time", "org_id", "provider", "occurred_at"),
+        Index("ix_usage_event_model_time", "model", "occurred_at"),
     )
 
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
@@ -42,6 +43,12 @@ class UsageEvent(AnalyticsBase):
     tokens: Mapped[int] = mapped_column(BigInteger)  # tokens the request asked for
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Calls of the OpenAI-compatible API (/v1) name a catalogue model and split their tokens;
+    # /consume events leave these empty.
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    latency_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON)  # the rest of the payload
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Table, case, cast, func, literal, select
+from sqlalchemy import BigInteger, ColumnElement, Table, case, cast, func, literal, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,6 +25,7 @@ class UsageFilter:
     provider: str | None
     user_id: uuid.UUID | None = None
     org_id: uuid.UUID | None = None
+    model: str | None = None  # one catalogue model (None: every model, and events without one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,21 @@ class OwnerTotals:
     tokens: int
     events: int
     allowed_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTotals:
+    """One model's events in a window (`model` None: events that name no model, /consume)."""
+
+    model: str | None
+    events: int
+    allowed_events: int
+    tokens: int
+    allowed_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    p50_latency_ms: int | None
+    p95_latency_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +90,8 @@ def _where(
         clauses.append(UsageEvent.user_id == scope.user_id)
     if scope.org_id is not None:
         clauses.append(UsageEvent.org_id == scope.org_id)
+    if scope.model is not None:
+        clauses.append(UsageEvent.model == scope.model)
     if start is not None:
         clauses.append(UsageEvent.occurred_at >= _at(start))
     if end is not None:
@@ -83,8 +101,9 @@ def _where(
 
 _ALLOWED_ONE = case((UsageEvent.allowed, 1), else_=0)
 _ALLOWED_TOKENS = case((UsageEvent.allowed, UsageEvent.tokens), else_=0)
-# The model an event names, when it names one (events of the OpenAI-compatible API do).
-_MODEL = UsageEvent.details["model"].as_string()
+# Nearest-rank percentiles (the smallest latency with at least p % of the events at or below
+# it), computed with window functions both SQLite and PostgreSQL have.
+PERCENTILES = (50, 95)
 
 
 def _epoch_seconds(dialect: str) -> ColumnElement[int]:
@@ -204,7 +223,7 @@ class AnalyticsRepository:
         # Grouped by label: the expressions carry bound parameters, which PostgreSQL would see
         # as different expressions in the select list and in GROUP BY.
         bucket = (_epoch_seconds(dialect) // literal(bucket_seconds, BigInteger)).label("bucket")
-        model = _MODEL.label("model")
+        model = UsageEvent.model.label("model")
         rows = await self.session.execute(
             select(
                 UsageEvent.provider,
@@ -222,6 +241,67 @@ class AnalyticsRepository:
             BucketTotals(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
             for r in rows
         ]
+
+    async def by_model(
+        self, scope: UsageFilter, start: datetime, end: datetime
+    ) -> list[ModelTotals]:
+        """Per model (events without one grouped as None): events, token kinds and the p50/p95
+        latency of the events that report one, exact over [start, end)."""
+        model = UsageEvent.model.label("model")
+        rows = await self.session.execute(
+            select(
+                model,
+                func.count(),
+                func.coalesce(func.sum(_ALLOWED_ONE), 0),
+                func.coalesce(func.sum(UsageEvent.tokens), 0),
+                func.coalesce(func.sum(_ALLOWED_TOKENS), 0),
+                func.coalesce(func.sum(UsageEvent.prompt_tokens), 0),
+                func.coalesce(func.sum(UsageEvent.completion_tokens), 0),
+            )
+            .where(*_where(scope, start, end))
+            .group_by(model)
+        )
+        latencies = await self._latency_percentiles(scope, start, end)
+        found = []
+        for r in rows:
+            p50, p95 = (latencies.get((r[0], p)) for p in PERCENTILES)
+            events, allowed, tokens, allowed_tokens, prompt, completion = (int(v) for v in r[1:7])
+            found.append(
+                ModelTotals(
+                    r[0], events, allowed, tokens, allowed_tokens, prompt, completion, p50, p95
+                )
+            )
+        found.sort(key=lambda m: (m.model is None, -m.tokens, m.model or ""))
+        return found
+
+    async def _latency_percentiles(
+        self, scope: UsageFilter, start: datetime, end: datetime
+    ) -> dict[tuple[str | None, int], int]:
+        ranked = (
+            select(
+                UsageEvent.model.label("model"),
+                UsageEvent.latency_ms.label("latency"),
+                func.row_number()
+                .over(partition_by=UsageEvent.model, order_by=UsageEvent.latency_ms)
+                .label("rank"),
+                func.count().over(partition_by=UsageEvent.model).label("n"),
+            )
+            .where(*_where(scope, start, end), UsageEvent.latency_ms.is_not(None))
+            .subquery()
+        )
+        # rank = ceil(p/100 x n), in integers
+        ranks = [(ranked.c.n * p + 99) // 100 for p in PERCENTILES]
+        rows = await self.session.execute(
+            select(ranked.c.model, ranked.c.latency, ranked.c.rank, ranked.c.n).where(
+                or_(*(ranked.c.rank == rank for rank in ranks))
+            )
+        )
+        found: dict[tuple[str | None, int], int] = {}
+        for model, latency, rank, n in rows:
+            for p in PERCENTILES:
+                if rank == (n * p + 99) // 100:
+                    found[(model, p)] = int(latency)
+        return found
 
     async def tokens_per_window(
         self, scope: UsageFilter, windows: Sequence[tuple[datetime, datetime]]

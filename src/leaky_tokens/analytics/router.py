@@ -34,6 +34,14 @@ UserFilter = Annotated[
 OrgFilter = Annotated[
     uuid.UUID | None, Query(alias="orgId", description="Events charged to one org pool")
 ]
+ModelFilter = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=128,
+        description="One catalogue model (events of the OpenAI-compatible /v1 API name one)",
+    ),
+]
 WindowMinutes = Annotated[int, Query(alias="windowMinutes", ge=1, le=1440)]
 SeriesWindow = Annotated[
     int,
@@ -71,10 +79,17 @@ async def usage(
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     user_id: UserFilter = None,
     org_id: OrgFilter = None,
+    model: ModelFilter = None,
 ) -> UsageRead:
     """Usage events, newest first: `limit` per page (default 20, at most 200)."""
     return await _service(request).usage(
-        principal, provider, limit=limit, page=page, user_id=user_id, org_id=org_id
+        principal,
+        provider,
+        limit=limit,
+        page=page,
+        user_id=user_id,
+        org_id=org_id,
+        model=model,
     )
 
 
@@ -86,10 +101,25 @@ async def report(
     window_minutes: WindowMinutes = 60,
     user_id: UserFilter = None,
     org_id: OrgFilter = None,
+    model: ModelFilter = None,
+    by_model: Annotated[
+        bool,
+        Query(
+            alias="byModel",
+            description="Add `byModel`: per model, events, prompt/completion/total tokens and "
+            "p50/p95 latency",
+        ),
+    ] = False,
 ) -> ReportRead:
     """Exact totals over the last `windowMinutes` (default 60, at most 1440)."""
     return await _service(request).report(
-        principal, provider, window_minutes=window_minutes, user_id=user_id, org_id=org_id
+        principal,
+        provider,
+        window_minutes=window_minutes,
+        user_id=user_id,
+        org_id=org_id,
+        model=model,
+        by_model=by_model,
     )
 
 
@@ -103,6 +133,7 @@ async def anomalies(
     threshold: Annotated[float, Query(ge=1.0, le=1_000_000.0, allow_inf_nan=False)] = 2.0,
     user_id: UserFilter = None,
     org_id: OrgFilter = None,
+    model: ModelFilter = None,
 ) -> AnomalyRead:
     """Tokens of the last window against the average of the `baselineWindows` before it;
     `anomaly` when currentTokens >= threshold x max(baselineAverage, 1)."""
@@ -116,6 +147,7 @@ async def anomalies(
         threshold=threshold,
         user_id=user_id,
         org_id=org_id,
+        model=model,
     )
 
 
@@ -160,6 +192,7 @@ async def top(
     provider: AnyProvider = None,
     user_id: UserFilter = None,
     org_id: OrgFilter = None,
+    model: ModelFilter = None,
 ) -> TopRead:
     """The users and organisation pools with most tokens over [now - windowMinutes, now)."""
     return await _service(request).top(
@@ -169,6 +202,7 @@ async def top(
         limit=limit,
         user_id=user_id,
         org_id=org_id,
+        model=model,
     )
 
 

@@ -5,9 +5,31 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any, ClassVar
+
+from pydantic import SerializerFunctionWrapHandler, model_serializer
+from pydantic.alias_generators import to_camel
 
 from leaky_tokens.shared.pagination import Pagination
 from leaky_tokens.shared.schemas import ApiModel
+
+
+class SparseModel(ApiModel):
+    """A body whose optional additions are left out while empty, so the plan's shapes stay
+    exactly as they were for the answers that have nothing to add (e.g. /consume events name no
+    model; a last page has no next cursor)."""
+
+    omit_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self.omit_when_none:
+                for key in (name, to_camel(name)):
+                    if key in data and data[key] is None:
+                        del data[key]
+        return data
 
 
 class UsageKey(ApiModel):
@@ -15,7 +37,9 @@ class UsageKey(ApiModel):
     timestamp: datetime
 
 
-class UsageItem(ApiModel):
+class UsageItem(SparseModel):
+    omit_when_none = frozenset({"model", "prompt_tokens", "completion_tokens", "latency_ms"})
+
     key: UsageKey
     user_id: uuid.UUID
     tokens: int
@@ -25,13 +49,27 @@ class UsageItem(ApiModel):
     event_id: uuid.UUID
     org_id: uuid.UUID | None
     request_id: str | None
+    # added, present when the event has them (calls of the OpenAI-compatible /v1 API)
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: int | None = None
 
 
-class UsageRead(ApiModel):
+class UsageRead(SparseModel):
+    omit_when_none = frozenset({"next_cursor", "total_exact", "model"})
+
     provider: str
     count: int  # items in this answer
     items: list[UsageItem]
-    pagination: Pagination  # added: contract 12 (page, page_size = limit, total, total_pages)
+    # added: contract 12 (page, page_size = limit, total, total_pages); `total` is counted up to
+    # a bound (see total_exact)
+    pagination: Pagination
+    # added: pass as `cursor` for the next page (keyset: fast at any depth); absent on the last
+    next_cursor: str | None = None
+    # added, present when the total was not counted to its end: `total` is then a lower bound
+    total_exact: bool | None = None
+    model: str | None = None  # added, present when filtered by model
 
 
 class TopUser(ApiModel):
@@ -48,12 +86,15 @@ class TopOrg(ApiModel):
     allowed_tokens: int
 
 
-class TopRead(ApiModel):
+class TopRead(SparseModel):
+    omit_when_none = frozenset({"model"})
+
     provider: str | None  # None: every provider
     window_start: datetime
     window_end: datetime
     top_users: list[TopUser]
     top_orgs: list[TopOrg]  # org pools charged (events with an orgId)
+    model: str | None = None  # added, present when filtered by model
 
 
 class SeriesTotals(ApiModel):
@@ -83,7 +124,7 @@ class TimeseriesRead(ApiModel):
     window_start: datetime  # the first bucket's start
     window_end: datetime  # now (exclusive)
     buckets: list[datetime]  # each bucket's start; the series' arrays follow this order
-    series: list[SeriesRead]
+    series: list[SeriesRead]  # one per (provider, model)
     totals: SeriesTotals
 
 
@@ -94,7 +135,24 @@ class ConsumerLagRead(ApiModel):
     measured_at: datetime
 
 
-class ReportRead(ApiModel):
+class ModelReport(ApiModel):
+    """One model's share of a report window (`model` null: events naming no model, /consume)."""
+
+    model: str | None
+    total_events: int
+    allowed_events: int
+    total_tokens: int
+    allowed_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    # nearest-rank percentiles over the raw events that report a latency (null: none do)
+    p50_latency_ms: int | None
+    p95_latency_ms: int | None
+
+
+class ReportRead(SparseModel):
+    omit_when_none = frozenset({"model", "by_model"})
+
     provider: str
     window_start: datetime
     window_end: datetime
@@ -107,9 +165,13 @@ class ReportRead(ApiModel):
     unique_users: int
     sample_limit: int
     top_users: list[TopUser]
+    model: str | None = None  # added, present when filtered by model
+    by_model: list[ModelReport] | None = None  # added, present when asked (byModel=true)
 
 
-class AnomalyRead(ApiModel):
+class AnomalyRead(SparseModel):
+    omit_when_none = frozenset({"model"})
+
     provider: str
     current_window_start: datetime
     current_window_end: datetime
@@ -122,6 +184,7 @@ class AnomalyRead(ApiModel):
     threshold: float
     anomaly: bool
     sample_limit: int
+    model: str | None = None  # added, present when asked per model
 
 
 class PurchaseEventRead(ApiModel):

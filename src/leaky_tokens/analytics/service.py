@@ -28,12 +28,14 @@ from leaky_tokens.analytics.errors import ForeignUsage, TooManyBuckets, UnknownP
 from leaky_tokens.analytics.repository import (
     AnalyticsRepository,
     BucketTotals,
+    ModelTotals,
     OwnerTotals,
     UsageFilter,
 )
 from leaky_tokens.analytics.schemas import (
     AnomalyRead,
     ConsumerLagRead,
+    ModelReport,
     PurchaseEventRead,
     PurchaseEventsRead,
     ReportRead,
@@ -110,6 +112,11 @@ class UsagePayload(ApiModel):
     provider: Annotated[str, StringConstraints(min_length=1, max_length=32)]
     tokens: Annotated[int, Field(ge=0, le=2**62)]
     request_id: Annotated[str, StringConstraints(max_length=128)] | None = None
+    # calls of the OpenAI-compatible API (/v1); /consume events have none of these
+    model: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    prompt_tokens: Annotated[int, Field(ge=0, le=2**62)] | None = None
+    completion_tokens: Annotated[int, Field(ge=0, le=2**62)] | None = None
+    latency_ms: Annotated[int, Field(ge=0, le=2**62)] | None = None
 
 
 _USAGE_COLUMNS = {
@@ -123,6 +130,10 @@ _USAGE_COLUMNS = {
     "tokens",
     "occurredAt",
     "requestId",
+    "model",
+    "promptTokens",
+    "completionTokens",
+    "latencyMs",
 }
 
 
@@ -158,16 +169,17 @@ def scope_for(
     provider: str | None,
     user_id: uuid.UUID | None,
     org_id: uuid.UUID | None,
+    model: str | None = None,
 ) -> UsageFilter:
     """What the caller may see: a USER their own events, an ADMIN everyone's or a pick.
-    `provider` None means every provider."""
+    `provider` None means every provider; `model` None every model (and events naming none)."""
     if provider is not None:
         provider = check_provider(provider)
     if principal.is_admin:
-        return UsageFilter(provider, user_id, org_id)
+        return UsageFilter(provider, user_id, org_id, model)
     if user_id is not None and user_id != principal.user_id:
         raise ForeignUsage()
-    return UsageFilter(provider, principal.user_id, org_id)
+    return UsageFilter(provider, principal.user_id, org_id, model)
 
 
 def _usage_row(event: Event, now: datetime) -> dict[str, Any] | None:
@@ -188,6 +200,10 @@ def _usage_row(event: Event, now: datetime) -> dict[str, Any] | None:
         "tokens": usage.tokens,
         "occurred_at": event.occurred_at,
         "request_id": usage.request_id,
+        "model": usage.model,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "latency_ms": usage.latency_ms,
         "details": details,
         "received_at": now,
     }
@@ -276,6 +292,20 @@ def _top_users(users: Sequence[OwnerTotals]) -> list[TopUser]:
     ]
 
 
+def _model_report(m: ModelTotals) -> ModelReport:
+    return ModelReport(
+        model=m.model,
+        total_events=m.events,
+        allowed_events=m.allowed_events,
+        total_tokens=m.tokens,
+        allowed_tokens=m.allowed_tokens,
+        prompt_tokens=m.prompt_tokens,
+        completion_tokens=m.completion_tokens,
+        p50_latency_ms=m.p50_latency_ms,
+        p95_latency_ms=m.p95_latency_ms,
+    )
+
+
 def _totals(requests: int, allowed: int, tokens: int, allowed_tokens: int) -> SeriesTotals:
     return SeriesTotals(
         requests=requests,
@@ -345,9 +375,10 @@ class AnalyticsService:
         page: int = 1,
         user_id: uuid.UUID | None = None,
         org_id: uuid.UUID | None = None,
+        model: str | None = None,
     ) -> UsageRead:
         """The newest events first; `limit` items per page."""
-        scope = scope_for(principal, provider, user_id, org_id)
+        scope = scope_for(principal, provider, user_id, org_id, model)
         limit = max(1, min(limit, MAX_ITEMS))
         async with self.db.read() as session:
             repo = AnalyticsRepository(session)
@@ -363,6 +394,10 @@ class AnalyticsService:
                 event_id=row.event_id,
                 org_id=row.org_id,
                 request_id=row.request_id,
+                model=row.model,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+                latency_ms=row.latency_ms,
             )
             for row in rows
         ]
@@ -376,6 +411,7 @@ class AnalyticsService:
                 total=total,
                 total_pages=math.ceil(total / limit) if total else 0,
             ),
+            model=scope.model,
         )
 
     async def report(
@@ -386,15 +422,20 @@ class AnalyticsService:
         window_minutes: int,
         user_id: uuid.UUID | None = None,
         org_id: uuid.UUID | None = None,
+        model: str | None = None,
+        by_model: bool = False,
     ) -> ReportRead:
-        """Totals over [now - windowMinutes, now)."""
-        scope = scope_for(principal, provider, user_id, org_id)
+        """Totals over [now - windowMinutes, now); with `by_model`, also per model."""
+        scope = scope_for(principal, provider, user_id, org_id, model)
         end = self.clock.now()
         start = end - timedelta(minutes=window_minutes)
+        models: list[ModelTotals] | None = None
         async with self.db.read() as session:
             repo = AnalyticsRepository(session)
             totals = await repo.window_totals(scope, start, end)
             top = await repo.top_users(scope, start, end, TOP_USERS)
+            if by_model:
+                models = await repo.by_model(scope, start, end)
         return ReportRead(
             provider=scope.provider,
             window_start=start,
@@ -408,6 +449,8 @@ class AnalyticsService:
             unique_users=totals.unique_users,
             sample_limit=MAX_ITEMS,
             top_users=_top_users(top),
+            model=scope.model,
+            by_model=None if models is None else [_model_report(m) for m in models],
         )
 
     async def anomalies(
@@ -420,10 +463,12 @@ class AnalyticsService:
         threshold: float,
         user_id: uuid.UUID | None = None,
         org_id: uuid.UUID | None = None,
+        model: str | None = None,
     ) -> AnomalyRead:
         """Tokens of [now - w, now) against the average of the `baselineWindows` windows of the
-        same width before it (see anomalies.py for the rule and the zero-baseline ratio)."""
-        scope = scope_for(principal, provider, user_id, org_id)
+        same width before it (see anomalies.py for the rule and the zero-baseline ratio); with
+        `model`, of that model's events only."""
+        scope = scope_for(principal, provider, user_id, org_id, model)
         windows = anomalies.windows_ending_at(
             self.clock.now(), timedelta(minutes=window_minutes), baseline_windows
         )
@@ -446,6 +491,7 @@ class AnalyticsService:
             threshold=threshold,
             anomaly=verdict.anomaly,
             sample_limit=MAX_ITEMS,
+            model=scope.model,
         )
 
     async def timeseries(
@@ -488,9 +534,10 @@ class AnalyticsService:
         limit: int = TOP_USERS,
         user_id: uuid.UUID | None = None,
         org_id: uuid.UUID | None = None,
+        model: str | None = None,
     ) -> TopRead:
         """The users and the organisation pools that asked for most tokens in [now - w, now)."""
-        scope = scope_for(principal, provider, user_id, org_id)
+        scope = scope_for(principal, provider, user_id, org_id, model)
         end = self.clock.now()
         start = end - timedelta(minutes=window_minutes)
         async with self.db.read() as session:
@@ -511,6 +558,7 @@ class AnalyticsService:
                 )
                 for o in orgs
             ],
+            model=scope.model,
         )
 
     async def consumer_lag(self, principal: Principal, source: LagSource) -> ConsumerLagRead:

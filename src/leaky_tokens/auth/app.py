@@ -77,10 +77,16 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
         url = settings.database_url("auth")
         if settings.auto_migrate:
             await upgrade_database(url, "auth")
+        # Whatever the start opened is closed again when a later step fails (a locked signing
+        # key, say), not left for the garbage collector.
+        resources = contextlib.AsyncExitStack()
         database = Database(url)
+        resources.push_async_callback(database.dispose)
         redis = (
             redis_from_settings(settings.redis_url, settings.redis) if settings.redis_url else None
         )
+        if redis is not None:
+            resources.push_async_callback(redis.aclose)
         service_clock = clock or SystemClock()
         # The in-memory login windows run on the service's clock, so tests can move time.
         memory = MemoryFixedWindowLimiter(service_clock)
@@ -94,11 +100,13 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
         if redis is not None:
             service.announce_revocation = functools.partial(announce_revocation, redis)
             service.announce_change = functools.partial(announce_principal_change, redis)
-        await service.ensure_signing_key()
-        await service.refresh_principal_changes()
-        if settings.admin_username and settings.admin_password:
-            email = settings.admin_email or f"{settings.admin_username}@localhost.localdomain"
-            await service.ensure_admin(settings.admin_username, email, settings.admin_password)
+        async with resources:
+            await service.ensure_signing_key()
+            await service.refresh_principal_changes()
+            if settings.admin_username and settings.admin_password:
+                email = settings.admin_email or f"{settings.admin_username}@localhost.localdomain"
+                await service.ensure_admin(settings.admin_username, email, settings.admin_password)
+            resources = resources.pop_all()
         app.state.auth_service = service
         app.state.authenticator = LocalAuthenticator(service)
         background = [
@@ -114,9 +122,7 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if redis is not None:
-                await redis.aclose()
-            await database.dispose()
+            await resources.aclose()
 
     return build_service_app(
         "auth",

@@ -20,6 +20,7 @@ from leaky_tokens.gateway.dashboard import DashboardFiles
 from leaky_tokens.gateway.edge import GatewayEdge, GatewayMetrics
 from leaky_tokens.gateway.health import HEALTH_PATHS, aggregate
 from leaky_tokens.gateway.identity import EdgeAuthenticator
+from leaky_tokens.gateway.openai_face import INFERENCE_UPSTREAM, SERVED_BY
 from leaky_tokens.gateway.proxy import Upstream
 from leaky_tokens.gateway.routing import RouteTable
 from leaky_tokens.settings import GatewaySettings, Settings
@@ -28,7 +29,7 @@ from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.events import resolve_internal_token
-from leaky_tokens.shared.http import error_response
+from leaky_tokens.shared.http import error_response, face_of
 from leaky_tokens.shared.outbound import client_session
 from leaky_tokens.shared.rate_limit import (
     FixedWindowLimiter,
@@ -112,6 +113,19 @@ def create_gateway_app(
             )
             for name in HEALTH_PATHS
         }
+        upstreams[INFERENCE_UPSTREAM] = Upstream(
+            INFERENCE_UPSTREAM,
+            settings.url_of(SERVED_BY[INFERENCE_UPSTREAM]),
+            breaker=breaker_config(gateway),
+            clock=clock,
+            connect_seconds=gateway.connect_timeout_seconds,
+            headers_seconds=gateway.inference_upstream_timeout_seconds,
+            answer_seconds=gateway.answer_timeout_seconds,
+            pool_wait_seconds=gateway.pool_wait_seconds,
+            client_body_seconds=gateway.client_body_timeout_seconds,
+            max_connections=gateway.max_connections_per_upstream,
+            internal_origins=internal,
+        )
         memory = MemoryFixedWindowLimiter(clock)
         limiter: FixedWindowLimiter = memory
         redis = (
@@ -124,7 +138,9 @@ def create_gateway_app(
             limiter = RedisFixedWindowLimiter(
                 guard, prefix=gateway.rate_limit_key_prefix, fallback=memory
             )
-        app.state.upstream_urls = {name: u.base_url for name, u in upstreams.items()}
+        app.state.upstream_urls = {
+            name: u.base_url for name, u in upstreams.items() if name in HEALTH_PATHS
+        }
         app.state.health_timeout_seconds = gateway.health_timeout_seconds
         app.state.health_client = client_session(
             max_connections=len(upstreams) * 2, connect_seconds=gateway.health_timeout_seconds
@@ -153,6 +169,7 @@ def create_gateway_app(
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,
+        faces=face_of,
         exposure=exposure_of(settings),
     )
     edge = GatewayEdge(

@@ -19,7 +19,7 @@ from typing import Any
 
 import jwt
 
-from leaky_tokens.shared.authn import Authenticator
+from leaky_tokens.shared.authn import Authenticator, is_api_key
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.errors import (
     ExpiredApiKey,
@@ -68,6 +68,8 @@ class EdgeAuthenticator:
             raise
 
     async def from_bearer(self, token: str) -> Principal:
+        if is_api_key(token):  # `Authorization: Bearer <API key>`, as OpenAI's SDKs send it
+            return await self.from_api_key(token)
         now = self._clock.now().timestamp()
         known = self._verified.get(token)
         if known is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from leaky_tokens.gateway.openai_face import OPENAI_ROUTES
 from leaky_tokens.settings import PROVIDERS, GatewaySettings
 from leaky_tokens.shared.rate_limit import Policy
 
@@ -14,6 +15,7 @@ UPSTREAM_PREFIXES: tuple[tuple[str, str], ...] = (
     ("/api/v1/tokens/", "tokens"),
     ("/api/v1/analytics/", "analytics"),
     *((f"/api/v1/{p}/", p) for p in PROVIDERS),
+    *OPENAI_ROUTES,
 )
 
 # Served by upstreams for each other, never for clients: the gateway answers 404.

@@ -17,6 +17,7 @@ from leaky_tokens import __version__
 from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.http import (
     EnvelopeMiddleware,
+    Face,
     HttpMetrics,
     error_response,
     install_error_handlers,
@@ -93,9 +94,13 @@ def build_service_app(
     log_access: bool = True,
     description: str = "",
     clock: Clock | None = None,
+    faces: Callable[[str], Face] | None = None,
     exposure: Exposure | None = None,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
+    """`faces`: which API face each path belongs to (shared/http.py `face_of`), for services
+    that serve more than the plan's; None renders every error in the plan's shape. `exposure`:
+    who may read /metrics and the docs (settings `metrics_exposure` / `docs_exposure`)."""
     exposure = exposure or Exposure()
     if exposure.docs == "off":
         fastapi_kwargs |= {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -134,7 +139,12 @@ def build_service_app(
     if guarded:
         app.add_middleware(_ExposureGuard, paths=guarded, token=exposure.internal_token)
     app.add_middleware(
-        EnvelopeMiddleware, service=service, metrics=metrics, log_access=log_access, clock=clock
+        EnvelopeMiddleware,
+        service=service,
+        metrics=metrics,
+        log_access=log_access,
+        clock=clock,
+        faces=faces,
     )
     return app
 

@@ -77,8 +77,19 @@ class Authenticator(Protocol):
     async def from_api_key(self, raw_key: str) -> Principal: ...
 
 
+# API keys are `leaky_<userId>_<48 hex>` (auth/api_keys.py); JWTs never start so.
+API_KEY_PREFIX = "leaky_"
+
+
+def is_api_key(token: str) -> bool:
+    """Whether a Bearer credential is one of our API keys (OpenAI's SDKs send the key as
+    `Authorization: Bearer <key>`), not a JWT."""
+    return token.startswith(API_KEY_PREFIX)
+
+
 def credentials_of(request: Request) -> tuple[str, str] | None:
-    """("api_key", key) or ("bearer", token) from the headers; None when neither is sent."""
+    """("api_key", key) or ("bearer", token) from the headers; None when neither is sent. An
+    API key sent as `Authorization: Bearer` counts as an API key."""
     api_key = request.headers.get("x-api-key")
     if api_key is not None:
         if not api_key.strip():
@@ -90,7 +101,8 @@ def credentials_of(request: Request) -> tuple[str, str] | None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidToken("Authorization header must be 'Bearer <token>'")
-    return "bearer", token.strip()
+    token = token.strip()
+    return ("api_key" if is_api_key(token) else "bearer"), token
 
 
 async def authenticate(request: Request) -> Principal:

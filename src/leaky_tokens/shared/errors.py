@@ -23,6 +23,10 @@ class AppError(Exception):
     default_message: ClassVar[str] = "invalid request"
     # True: the service itself is unavailable (answers carry OUTAGE_HEADER).
     outage: ClassVar[bool] = False
+    # On the OpenAI face (/v1, shared/http.py `face_of`): the error's `type` and `code` there;
+    # None derives them from `status` and `code`.
+    openai_type: ClassVar[str | None] = None
+    openai_code: ClassVar[str | None] = None
 
     def __init__(
         self,

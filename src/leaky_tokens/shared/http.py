@@ -1,14 +1,21 @@
 """The HTTP envelope every service shares: request ids, security headers, access logs, metrics,
 body-size limits and the one error handler that renders DESIGN.md's error body.
+
+An error's body depends on the API face its path belongs to (`face_of`): the plan's
+`{message, timestamp, code, requestId}` everywhere, except the OpenAI-compatible paths, where
+it is OpenAI's `{"error": {message, type, param, code}}` (the official SDKs read it and pick
+their exception class by status). Services that serve a face other than the plan's (the gateway
+and the token service) build their envelope with `faces=face_of`; the stubs do not (their
+emulated APIs render their providers' own bodies).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request
@@ -37,6 +44,32 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 )
 MAX_BODY_BYTES = 1024 * 1024
 
+Face = Literal["plan", "openai"]
+# Under /v1 the OpenAI API (chat/completions, models, responses, embeddings, and any unknown
+# path, answered as OpenAI would) — except the agent API's paths (DESIGN.md "Three faces",
+# issue 13), which keep their own envelope.
+AGENT_PREFIXES: tuple[str, ...] = (
+    "/v1/health",
+    "/v1/account",
+    "/v1/auth/",
+    "/v1/products",
+    "/v1/billing",
+    "/v1/sessions",
+    "/v1/stats",
+)
+_face: ContextVar[Face] = ContextVar("api_face", default="plan")
+
+
+def face_of(path: str) -> Face:
+    """The API face a path belongs to, which decides the shape of its error bodies."""
+    if (path == "/v1" or path.startswith("/v1/")) and not path.startswith(AGENT_PREFIXES):
+        return "openai"
+    return "plan"
+
+
+def current_face() -> Face:
+    return _face.get()
+
 
 class _BodyTooLarge(Exception):
     pass
@@ -62,6 +95,53 @@ def error_body(
     return body
 
 
+# Our codes -> OpenAI's (type, code) where OpenAI has a name for the condition.
+_OPENAI_ERRORS: dict[str, tuple[str, str | None]] = {
+    "AUTH_REQUIRED": ("invalid_request_error", "invalid_api_key"),
+    "AUTH_INVALID_KEY": ("invalid_request_error", "invalid_api_key"),
+    "AUTH_REVOKED_KEY": ("invalid_request_error", "invalid_api_key"),
+    "AUTH_EXPIRED_KEY": ("invalid_request_error", "invalid_api_key"),
+    "AUTH_INVALID_TOKEN": ("invalid_request_error", "invalid_api_key"),
+    "AUTH_EXPIRED_TOKEN": ("invalid_request_error", "invalid_api_key"),
+    "RATE_LIMITED": ("requests", "rate_limit_exceeded"),
+    "INSUFFICIENT_QUOTA": ("insufficient_quota", "insufficient_quota"),
+    "FORBIDDEN": ("invalid_request_error", "permission_denied"),
+    "NOT_FOUND": ("invalid_request_error", "not_found"),
+    "METHOD_NOT_ALLOWED": ("invalid_request_error", "method_not_allowed"),
+    "INVALID_REQUEST": ("invalid_request_error", None),
+    "INTERNAL_ERROR": ("server_error", None),
+}
+
+
+def openai_error_body(
+    status: int,
+    code: str,
+    message: str,
+    details: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    openai_type: str | None = None,
+    openai_code: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI's error body: `param` names the first field at fault, if any."""
+    kind, mapped = _OPENAI_ERRORS.get(
+        code, ("server_error" if status >= 500 else "invalid_request_error", code.lower())
+    )
+    param = None
+    for detail in details or ():
+        field = detail.get("field")
+        if isinstance(field, str) and field != "body":
+            param = field
+            break
+    return {
+        "error": {
+            "message": message,
+            "type": openai_type or kind,
+            "param": param,
+            "code": openai_code or mapped,
+        }
+    }
+
+
 def error_response(
     status: int,
     code: str,
@@ -70,7 +150,27 @@ def error_response(
     details: Sequence[Mapping[str, Any]] | None = None,
     headers: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    openai_type: str | None = None,
+    openai_code: str | None = None,
 ) -> Response:
+    """The error answer in the face of the request being served (`face_of` its path)."""
+    if _face.get() == "openai":
+        body = openai_error_body(
+            status, code, message, details, openai_type=openai_type, openai_code=openai_code
+        )
+        answer_headers = dict(headers) if headers else {}
+        retry_after = answer_headers.get("Retry-After") or answer_headers.get("retry-after")
+        if status == 429 and retry_after and retry_after.isdigit():
+            answer_headers.setdefault("retry-after-ms", str(int(retry_after) * 1000))
+        if body["error"]["type"] == "insufficient_quota":
+            # Not transient: the SDKs would otherwise retry it (twice, by default).
+            answer_headers["x-should-retry"] = "false"
+        return Response(
+            orjson.dumps(body),
+            status_code=status,
+            media_type="application/json",
+            headers=answer_headers or None,
+        )
     return Response(
         orjson.dumps(error_body(status, code, message, details, extra)),
         status_code=status,
@@ -117,7 +217,14 @@ def describe_validation_errors(
 async def _app_error_handler(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
     return error_response(
-        exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers, extra=exc.extra
+        exc.status,
+        exc.code,
+        exc.message,
+        details=exc.details,
+        headers=exc.headers,
+        extra=exc.extra,
+        openai_type=exc.openai_type,
+        openai_code=exc.openai_code,
     )
 
 
@@ -188,9 +295,11 @@ class EnvelopeMiddleware:
         log_access: bool = True,
         max_body_bytes: int = MAX_BODY_BYTES,
         clock: Clock | None = None,
+        faces: Callable[[str], Face] | None = None,
     ) -> None:
         self.app = app
         self.clock = clock or SystemClock()
+        self.faces = faces
         self.service = service
         self.metrics = metrics
         self.log_access = log_access
@@ -214,6 +323,7 @@ class EnvelopeMiddleware:
         request_id = new_request_id(offered)
         set_request_id(request_id)
         _clock.set(self.clock)
+        _face.set(self.faces(scope["path"]) if self.faces is not None else "plan")
         rid_header = (b"x-request-id", request_id.encode("latin-1"))
         status_holder = [500]
         response_started = False
@@ -247,9 +357,14 @@ class EnvelopeMiddleware:
             await self.app(scope, receive_limited, send_wrapper)
         except _BodyTooLarge:
             if not response_started:
-                await error_response(413, "PAYLOAD_TOO_LARGE", "request body too large")(
-                    scope, receive, send_wrapper
-                )
+                # Closing the connection is what stops the rest of the body from being read
+                # (and discarded) by the server: a refused body is never drained.
+                await error_response(
+                    413,
+                    "PAYLOAD_TOO_LARGE",
+                    "request body too large",
+                    headers={"Connection": "close"},
+                )(scope, receive, send_wrapper)
         except Exception:
             error_log.exception("unhandled error", extra={"service": self.service})
             if not response_started:
@@ -277,3 +392,4 @@ class EnvelopeMiddleware:
                     },
                 )
             set_request_id(None)
+            _face.set("plan")

@@ -72,7 +72,9 @@ def redis_client(
         socket_connect_timeout=connect_timeout_seconds,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
-    return Redis(connection_pool=pool)
+    # from_pool: the client owns the pool, so `aclose()` closes its connections too
+    # (`Redis(connection_pool=...)` leaves them open: one leaked socket per pooled connection).
+    return Redis.from_pool(pool)
 
 
 def is_redis_failure(exc: BaseException) -> bool:

@@ -15,16 +15,23 @@ from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
+from leaky_tokens.shared.events import resolve_internal_token
+from leaky_tokens.shared.http import face_of
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 from leaky_tokens.tokens.flags import FeatureFlags
+from leaky_tokens.tokens.inference.adapters import ProviderHttp, build_adapters
+from leaky_tokens.tokens.inference.catalogue import Catalogue
+from leaky_tokens.tokens.inference.router import router as inference_router
+from leaky_tokens.tokens.inference.service import InferenceService
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
 from leaky_tokens.tokens.leaky_bucket_redis import RedisLeakyBucket
-from leaky_tokens.tokens.outbox_relay import start_outbox_relay
+from leaky_tokens.tokens.outbox_relay import outbox_metrics, start_outbox_relay
+from leaky_tokens.tokens.outbox_sweeper import OutboxSweeper, SweeperConfig
 from leaky_tokens.tokens.payments import StubPaymentGateway
 from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
 from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator, StepObserver
-from leaky_tokens.tokens.router import router
+from leaky_tokens.tokens.router import internal_router, router
 from leaky_tokens.tokens.service import TokenService
 
 log = logging.getLogger("leaky_tokens.tokens")
@@ -87,6 +94,13 @@ def create_tokens_app(
         )
         the_clock = clock or SystemClock()
         service = TokenService(database, settings.tokens, the_clock, buckets, providers)
+        provider_http = ProviderHttp(settings.inference)
+        app.state.inference_service = InferenceService(
+            service,
+            settings.inference,
+            Catalogue(settings.inference.models),
+            build_adapters(settings, provider_http),
+        )
         flags = FeatureFlags(database, the_clock)
         await flags.seed(settings.tokens.flags)
         orchestrator = SagaOrchestrator(
@@ -102,6 +116,9 @@ def create_tokens_app(
             database, settings.tokens, the_clock, flags, orchestrator.wake
         )
         app.state.authenticator = authenticator
+        app.state.internal_token = resolve_internal_token(
+            settings.internal_token, settings.data_dir
+        )
         background = [
             asyncio.create_task(_sweep_forever(service, settings.tokens.sweep_interval_seconds)),
             asyncio.create_task(orchestrator.run_forever()),
@@ -109,6 +126,19 @@ def create_tokens_app(
         # outbox -> analytics (issue 5)
         metrics_registry = app.state.metrics.registry
         relay = await start_outbox_relay(settings, database, metrics_registry, clock=clock)
+        events = settings.events
+        sweeper = OutboxSweeper(
+            database,
+            config=SweeperConfig(
+                retention_seconds=events.outbox_retention_seconds,
+                batch=events.outbox_sweep_batch,
+                every_seconds=events.outbox_sweep_every_seconds,
+            ),
+            clock=the_clock,
+            metrics=outbox_metrics(metrics_registry),
+        )
+        if events.outbox_sweep_enabled:
+            background.append(asyncio.create_task(sweeper.run(), name="outbox-sweeper"))
         try:
             yield
         finally:
@@ -119,6 +149,7 @@ def create_tokens_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await providers.aclose()
+            await provider_http.aclose()
             await buckets.close()
             if redis is not None:
                 await redis.aclose()
@@ -133,9 +164,10 @@ def create_tokens_app(
         description=(
             "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
         ),
-        routers=[router],
+        routers=[router, inference_router, internal_router],
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,
+        faces=face_of,
         exposure=exposure_of(settings),
     )

@@ -68,6 +68,16 @@ class OutboxMetrics:
             "Batches the transport did not take (retried)",
             registry=registry,
         )
+        self.purged = Counter(
+            "tokens_outbox_purged_events",
+            "Published outbox rows purged by the sweeper (older than the retention)",
+            registry=registry,
+        )
+        self.purge_batches = Counter(
+            "tokens_outbox_purge_batches",
+            "DELETE statements the sweeper ran (each at most events.outbox_sweep_batch rows)",
+            registry=registry,
+        )
 
 
 _METRICS: weakref.WeakKeyDictionary[CollectorRegistry, OutboxMetrics] = weakref.WeakKeyDictionary()

@@ -1,5 +1,5 @@
-"""Every SQL statement of the outbox relay: claim unpublished rows in id order, mark them
-published, measure the backlog."""
+"""Every SQL statement of the outbox relay and its sweeper: claim unpublished rows in id order,
+mark them published, measure the backlog, purge what was published long ago."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from leaky_tokens.tokens.models import OutboxEvent
@@ -74,3 +74,25 @@ class OutboxRepository:
             )
         ).one()
         return Backlog(int(row[0]), row[1])
+
+    async def purge_published(self, before: datetime, limit: int, *, lock: bool) -> int:
+        """Delete at most `limit` rows published before `before`; returns how many went.
+
+        One bounded statement: the subquery walks ix_token_outbox_unpublished (published_at,
+        id) from its oldest published row, so its cost is the batch's, not the table's, and
+        unpublished rows (published_at NULL) are never read. With `lock` (PostgreSQL) rows
+        another transaction holds are skipped rather than waited for."""
+        oldest = (
+            select(OutboxEvent.id)
+            .where(OutboxEvent.published_at < before)
+            .order_by(OutboxEvent.published_at, OutboxEvent.id)
+            .limit(limit)
+        )
+        if lock:
+            oldest = oldest.with_for_update(skip_locked=True)
+        result = await self.session.execute(
+            delete(OutboxEvent)
+            .where(OutboxEvent.id.in_(oldest.scalar_subquery()))
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from leaky_tokens.shared.authn import CurrentPrincipal
 from leaky_tokens.shared.errors import ServiceUnavailable
+from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER, check_internal_token
 from leaky_tokens.shared.pagination import Page, PageParams, page_of
 from leaky_tokens.shared.request_context import current_request_id
 from leaky_tokens.tokens.flags import FlagState
@@ -323,3 +324,40 @@ async def set_flag(
     name: str, body: FlagUpdate, request: Request, principal: CurrentPrincipal
 ) -> FlagsRead:
     return _flags_read(await _purchases(request).set_flag(principal, name, body.enabled))
+
+
+# The CLI's writes while the service runs (`leaky-tokens admin set-quota`): through this process
+# rather than into its SQLite file behind its back. Off /api/v1, so the gateway never routes
+# here; authenticated by the internal token of the data directory.
+internal_router = APIRouter(prefix="/internal", include_in_schema=False)
+
+
+def _internal_only(request: Request) -> None:
+    expected: str = request.app.state.internal_token
+    check_internal_token(expected.encode(), request.headers.get(INTERNAL_TOKEN_HEADER))
+
+
+@internal_router.put("/quota", dependencies=[Depends(_internal_only)])
+async def put_user_quota_internal(body: QuotaSet, request: Request) -> QuotaRead:
+    view = await _service(request).put_quota(
+        USER_POOL,
+        body.user_id,
+        body.provider,
+        total=body.total_tokens,
+        remaining=body.remaining_tokens,
+        reset_at=body.reset_at,
+    )
+    return _user_quota(view)
+
+
+@internal_router.put("/quota/org", dependencies=[Depends(_internal_only)])
+async def put_org_quota_internal(body: OrgQuotaSet, request: Request) -> OrgQuotaRead:
+    view = await _service(request).put_quota(
+        ORG_POOL,
+        body.org_id,
+        body.provider,
+        total=body.total_tokens,
+        remaining=body.remaining_tokens,
+        reset_at=body.reset_at,
+    )
+    return _org_quota(view)
