@@ -236,6 +236,24 @@ async def test_the_owner_at_an_address_it_logged_in_from_escapes_the_accounts_ba
     assert owner.status_code == 200, owner.text  # not locked out: no hard 15-minute lock
 
 
+async def test_the_owner_logging_in_often_at_home_is_never_throttled(
+    throttled: AuthClient,
+) -> None:
+    account, home = await throttled.register(), _new_ip()
+    answers = [await throttled.login(account.username, PASSWORD, client_ip=home) for _ in range(25)]
+
+    assert [r.status_code for r in answers] == [200] * 25
+
+
+async def test_guesses_at_home_get_only_the_known_addresss_window(throttled: AuthClient) -> None:
+    account, home = await throttled.register(), _new_ip()
+    assert (await throttled.login(account.username, PASSWORD, client_ip=home)).is_success
+
+    guesses = [await throttled.login(account.username, "guess", client_ip=home) for _ in range(11)]
+
+    assert [r.status_code for r in guesses] == [401] * 10 + [429]
+
+
 async def test_the_address_an_account_was_registered_from_counts_as_its_owners(
     throttled: AuthClient,
 ) -> None:

@@ -286,7 +286,11 @@ class AuthService:
         if not await self.passwords.verify(user.password_hash if user else None, password):
             raise InvalidCredentials()
         assert user is not None
-        if not known:
+        if known:
+            # Only the password's holder can clear the window at home: the owner logging in
+            # often is never throttled, a guesser there still gets only the window's tries.
+            await self.throttle.clear(*limits[0])
+        else:
             async with self.db.transaction() as session:
                 await AuthRepository(session).remember_address(user.id, client, self.clock.now())
         return IssuedSession(user, self._issue(user, org_ids, seq))
