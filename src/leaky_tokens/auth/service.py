@@ -250,7 +250,7 @@ class AuthService:
                     return existing
                 now = self.clock.now()
                 await repo.set_roles(existing, [*existing.roles, ADMIN], now)
-                seq = await self._record_change(repo, "role", now, user_id=existing.id)
+                seq = await repo.add_change("role", now, user_id=existing.id)
         if existing is not None:
             await self._changed_here(seq, "role")
             return existing
@@ -312,17 +312,6 @@ class AuthService:
         return principal
 
     # principal changes: the feed's other half
-    async def _record_change(
-        self,
-        repo: AuthRepository,
-        kind: str,
-        now: datetime,
-        *,
-        user_id: uuid.UUID | None = None,
-        org_id: uuid.UUID | None = None,
-    ) -> int:
-        return await repo.add_change(kind, now, user_id=user_id, org_id=org_id)
-
     async def _changed_here(self, seq: int, kind: str) -> None:
         """After a change committed here: apply it to this replica's view at once, wake the
         feed's long polls, and announce it (Redis); followers read the feed for the rest."""
@@ -363,7 +352,7 @@ class AuthService:
             repo = AuthRepository(session)
             if await repo.user_by_id(user_id) is None:
                 raise UserNotFound()
-            seq = await self._record_change(repo, "user", self.clock.now(), user_id=user_id)
+            seq = await repo.add_change("user", self.clock.now(), user_id=user_id)
         await self._changed_here(seq, "user")
 
     async def set_roles(self, principal: Principal, user_id: uuid.UUID, roles: list[str]) -> User:
@@ -383,7 +372,7 @@ class AuthService:
                 return user
             now = self.clock.now()
             await repo.set_roles(user, wanted, now)
-            seq = await self._record_change(repo, "role", now, user_id=user_id)
+            seq = await repo.add_change("role", now, user_id=user_id)
         await self._changed_here(seq, "role")
         return user
 
@@ -393,7 +382,7 @@ class AuthService:
         async with self.db.transaction() as session:
             repo = AuthRepository(session)
             await self._org_for_change(repo, principal, org_id)
-            seq = await self._record_change(repo, "org", self.clock.now(), org_id=org_id)
+            seq = await repo.add_change("org", self.clock.now(), org_id=org_id)
         await self._changed_here(seq, "org")
 
     # API keys
@@ -609,7 +598,7 @@ class AuthService:
             if not await repo.remove_member(org_id, user_id):
                 raise UserNotFound("user is not a member of the organisation")
             # Their tokens name the org: every one issued before now stops working.
-            seq = await self._record_change(
-                repo, "membership", self.clock.now(), user_id=user_id, org_id=org_id
+            seq = await repo.add_change(
+                "membership", self.clock.now(), user_id=user_id, org_id=org_id
             )
         await self._changed_here(seq, "membership")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from leaky_tokens.shared.principal import Principal
 
-ChangeKind = Literal["api_key", "user", "membership", "role", "org"]
+# Kinds: "api_key" (a key revoked), and about a user "user" (sessions revoked), "membership"
+# (removed from an org), "role" (roles changed), or about an organisation "org" (its tokens).
 USER_KINDS: frozenset[str] = frozenset({"user", "membership", "role"})
-KINDS: frozenset[str] = USER_KINDS | {"api_key", "org"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +73,6 @@ class PrincipalChanges:
             return True
         orgs = self._orgs
         return bool(orgs) and any(orgs.get(o, 0) > issued for o in principal.org_ids)
-
-    def __len__(self) -> int:
-        return len(self._users) + len(self._orgs)
 
 
 def _raise_to(latest: dict[uuid.UUID, int], key: uuid.UUID, seq: int) -> None:
