@@ -129,6 +129,9 @@ class AuthClientSettings(BaseModel):
     # or, with REDIS_URL, its pub/sub announcement says so; this is the least time between two
     # reads of the feed (and the wait before asking again when it cannot be read).
     revocation_poll_seconds: float = Field(0.3, gt=0, le=60)
+    # While the feed cannot be read, bearer tokens are checked against the principal changes
+    # already known for this long, then refused (503) until the feed answers again.
+    feed_grace_seconds: float = Field(10.0, ge=0, le=3600)
 
 
 class TokensSettings(BaseModel):

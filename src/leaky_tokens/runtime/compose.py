@@ -23,6 +23,7 @@ def remote_authenticator(settings: Settings) -> RemoteAuthenticator:
         # A revoked key stops working at once, whatever the cache time (ARCHITECTURE.md,
         # "Revocation is an event").
         revocation_poll_seconds=client.revocation_poll_seconds,
+        feed_grace_seconds=client.feed_grace_seconds,
         redis_url=settings.redis_url,
         internal_token=resolve_internal_token(settings.internal_token, settings.data_dir),
     )
