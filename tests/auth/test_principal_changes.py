@@ -1,6 +1,6 @@
 """Principal changes at the auth service and at a follower (RemoteAuthenticator, as tokens,
 analytics and the gateway run it): role changes, revoked sessions, removed members' API keys,
-and what a follower does while it cannot read the feed. tests/e2e/test_principal_changes.py
+and what a follower does while it cannot read the feed. tests/e2e/test_principal_change_scenarios.py
 shows the same end to end at every service; waits here poll with generous deadlines."""
 
 from __future__ import annotations

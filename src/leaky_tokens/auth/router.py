@@ -118,6 +118,7 @@ def _key_read(key: ApiKey, service: AuthService) -> ApiKeyRead:
         user_id=key.user_id,
         name=key.name,
         key_preview=key.key_prefix,
+        org_id=key.org_id,
         created_at=key.created_at,
         expires_at=key.expires_at,
         revoked_at=key.revoked_at,
@@ -130,7 +131,14 @@ async def create_api_key(
     body: ApiKeyCreate, request: Request, principal: CurrentPrincipal
 ) -> ApiKeyCreated:
     owner = body.user_id or principal.user_id
-    key, raw = await _service(request).create_api_key(principal, owner, body.name, body.expires_at)
+    key, raw = await _service(request).create_api_key(
+        principal,
+        owner,
+        body.name,
+        body.expires_at,
+        org_id=body.org_id,
+        session_id=body.session_id,
+    )
     return ApiKeyCreated(
         id=key.id,
         user_id=key.user_id,
@@ -138,6 +146,8 @@ async def create_api_key(
         raw_key=raw,
         created_at=key.created_at,
         expires_at=key.expires_at,
+        org_id=key.org_id,
+        session_id=key.session_id,
     )
 
 
@@ -170,6 +180,8 @@ async def validate_api_key(
         roles=list(found.user.roles),
         api_key_id=found.key.id,
         org_ids=found.org_ids,
+        org_id=found.key.org_id,
+        session_id=found.key.session_id,
         feed_seq=found.feed_seq,
     )
 

@@ -48,6 +48,12 @@ class ApiKeyCreate(RequestModel):
     user_id: uuid.UUID | None = Field(None, description="Owner; defaults to the caller")
     name: Name
     expires_at: UtcInput | None = None
+    org_id: uuid.UUID | None = Field(
+        None, description="An organisation the owner belongs to: the key's calls charge its pool"
+    )
+    session_id: uuid.UUID | None = Field(
+        None, description="An agent session's credential: spending is charged to its budget"
+    )
 
 
 class ApiKeyCreated(ApiModel):
@@ -57,6 +63,8 @@ class ApiKeyCreated(ApiModel):
     raw_key: str = Field(description="Shown once; only a hash is stored")
     created_at: datetime
     expires_at: datetime | None
+    org_id: uuid.UUID | None = None
+    session_id: uuid.UUID | None = None
 
 
 class ApiKeyRead(ApiModel):
@@ -68,6 +76,7 @@ class ApiKeyRead(ApiModel):
     expires_at: datetime | None
     revoked_at: datetime | None
     status: Literal["active", "revoked", "expired"]
+    org_id: uuid.UUID | None = None
 
 
 class ApiKeyValidation(ApiModel):
@@ -78,6 +87,8 @@ class ApiKeyValidation(ApiModel):
     roles: list[str]
     api_key_id: uuid.UUID
     org_ids: list[uuid.UUID]
+    org_id: uuid.UUID | None = Field(None, description="The organisation the key charges")
+    session_id: uuid.UUID | None = None
     # The principal-change feed's cursor when this answer was read (a cached answer older than
     # a change about its user or orgs is asked again).
     feed_seq: int = 0

@@ -397,8 +397,14 @@ class AuthService:
         user_id: uuid.UUID,
         name: str,
         expires_at: datetime | None,
+        org_id: uuid.UUID | None = None,
+        session_id: uuid.UUID | None = None,
     ) -> tuple[ApiKey, str]:
+        """`org_id`: a key for that organisation, whose owner must be a member of it."""
         self._authorise_for(principal, user_id)
+        if principal.session_id is not None:
+            # A session's credential spends its budget; it never mints credentials.
+            raise Forbidden("an agent session's credential cannot create API keys")
         now = self.clock.now()
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest(
@@ -415,6 +421,8 @@ class AuthService:
             created_at=now,
             expires_at=expires_at,
             revoked_at=None,
+            org_id=org_id,
+            session_id=session_id,
         )
         cap = self.settings.max_active_api_keys_per_user
         async with self.db.transaction() as session:
@@ -422,6 +430,8 @@ class AuthService:
             # Counted under the user's row lock: concurrent creations cannot pass the cap.
             if await repo.lock_user(user_id) is None:
                 raise UserNotFound()
+            if org_id is not None and await repo.membership(org_id, user_id) is None:
+                raise OrgNotFound()  # not theirs: as if it did not exist (contract 10)
             if await repo.count_active_api_keys(user_id, now) >= cap:
                 raise TooManyApiKeys(f"at most {cap} active API keys per user; revoke one first")
             await repo.add_api_key(key)
@@ -525,6 +535,9 @@ class AuthService:
             if user is None:
                 raise InvalidApiKey()
             org_ids = await repo.org_ids_of(user.id)
+        if key.org_id is not None and key.org_id not in org_ids:
+            # The owner left the organisation: the key may no longer charge it.
+            raise RevokedApiKey("API key's organisation no longer includes its owner")
         return ValidatedKey(key, user, org_ids, seq)
 
     async def principal_from_api_key(self, raw_key: str) -> Principal:
@@ -536,6 +549,8 @@ class AuthService:
             method="api_key",
             api_key_id=found.key.id,
             username=found.user.username,
+            key_org_id=found.key.org_id,
+            session_id=found.key.session_id,
             issued_seq=found.feed_seq,
         )
 

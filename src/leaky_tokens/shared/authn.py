@@ -479,6 +479,8 @@ def principal_from_validation(body: dict[str, Any]) -> Principal:
         method="api_key",
         api_key_id=uuid.UUID(body["apiKeyId"]) if body.get("apiKeyId") else None,
         username=body.get("username"),
+        key_org_id=uuid.UUID(body["orgId"]) if body.get("orgId") else None,
+        session_id=uuid.UUID(body["sessionId"]) if body.get("sessionId") else None,
         issued_seq=int(body.get("feedSeq", 0)),
     )
 

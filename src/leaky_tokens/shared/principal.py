@@ -18,6 +18,10 @@ class Principal:
     method: Literal["jwt", "api_key"] = "jwt"
     api_key_id: uuid.UUID | None = None
     username: str | None = None
+    # An API key made for an organisation: its /v1 calls charge that org's pool.
+    key_org_id: uuid.UUID | None = None
+    # An agent session's credential (issue 13): spending is charged to that session's budget.
+    session_id: uuid.UUID | None = None
     # The auth service's principal-change feed cursor when this credential was issued (a JWT's
     # `fseq` claim, an API-key answer's `feedSeq`): a later change about the user or one of
     # their organisations makes it stale (shared/principal_feed.py).

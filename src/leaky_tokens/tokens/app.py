@@ -19,6 +19,7 @@ from leaky_tokens.shared.events import resolve_internal_token
 from leaky_tokens.shared.http import face_of
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
+from leaky_tokens.shared.tokenizer import preload
 from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.inference.adapters import ProviderHttp, build_adapters
 from leaky_tokens.tokens.inference.catalogue import Catalogue
@@ -33,6 +34,8 @@ from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
 from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator, StepObserver
 from leaky_tokens.tokens.router import internal_router, router
 from leaky_tokens.tokens.service import TokenService
+from leaky_tokens.tokens.session_router import router as session_router
+from leaky_tokens.tokens.sessions import AgentSessionService
 
 log = logging.getLogger("leaky_tokens.tokens")
 
@@ -59,6 +62,19 @@ async def _sweep_forever(service: TokenService, interval: float) -> None:
                 log.warning("refunded %d abandoned reservations", swept)
         except Exception:
             log.exception("reservation sweep failed")
+        await asyncio.sleep(interval)
+
+
+async def _sweep_sessions_forever(service: AgentSessionService, interval: float) -> None:
+    """Agent sessions past their lifetime end (their budget goes back), and tokens settled
+    into ended sessions' pools go back too (issue 13)."""
+    while True:
+        try:
+            expired, late = await service.sweep()
+            if expired or late:
+                log.info("agent sessions: %d expired, %d late returns", expired, late)
+        except Exception:
+            log.exception("agent session sweep failed")
         await asyncio.sleep(interval)
 
 
@@ -94,12 +110,19 @@ def create_tokens_app(
         )
         the_clock = clock or SystemClock()
         service = TokenService(database, settings.tokens, the_clock, buckets, providers)
-        provider_http = ProviderHttp(settings.inference)
+        # The catalogue's vocabularies load (about a second of CPU each) before the service
+        # reports itself started, off the event loop: else the first /v1 call stalls the rest.
+        catalogue = Catalogue(settings.inference.models)
+        await asyncio.to_thread(preload, *catalogue.encodings())
+        provider_http = ProviderHttp(
+            settings.inference, provider_settings(settings.tokens).breaker, clock
+        )
         app.state.inference_service = InferenceService(
             service,
             settings.inference,
-            Catalogue(settings.inference.models),
+            catalogue,
             build_adapters(settings, provider_http),
+            provider_http,
         )
         flags = FeatureFlags(database, the_clock)
         await flags.seed(settings.tokens.flags)
@@ -119,8 +142,13 @@ def create_tokens_app(
         app.state.internal_token = resolve_internal_token(
             settings.internal_token, settings.data_dir
         )
+        sessions = AgentSessionService(database, settings.tokens, the_clock)
+        app.state.session_service = sessions
         background = [
             asyncio.create_task(_sweep_forever(service, settings.tokens.sweep_interval_seconds)),
+            asyncio.create_task(
+                _sweep_sessions_forever(sessions, settings.tokens.session_sweep_interval_seconds)
+            ),
             asyncio.create_task(orchestrator.run_forever()),
         ]
         # outbox -> analytics (issue 5)
@@ -164,7 +192,7 @@ def create_tokens_app(
         description=(
             "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
         ),
-        routers=[router, inference_router, internal_router],
+        routers=[router, inference_router, internal_router, session_router],
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,

@@ -6,7 +6,7 @@ its user's membership or roles changed. `login_address` remembers where each acc
 successfully, so its owner escapes the back-off an attacker elsewhere causes.
 
 Revision ID: auth_0004
-Revises: auth_0002
+Revises: auth_0005 (re-chained after auth_0003/auth_0005 landed on main)
 Create Date: 2026-12-04
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from leaky_tokens.shared.database import UtcDateTime
 
 revision: str = "auth_0004"
-down_revision: str | None = "auth_0002"
+down_revision: str | None = "auth_0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
