@@ -232,7 +232,7 @@ def test_other_errors_keep_the_envelope(gateway: httpx.Client) -> None:
         "INVALID_REQUEST",
     )
     taken = gateway.post("/v1/account/register", json={"name": agent.name})
-    failed(taken, 400, "USERNAME_TAKEN")
+    failed(taken, 400, "ACCOUNT_EXISTS")  # auth names no field (issue 10)
     # refused at the gateway's edge, before the agent API runs: still its envelope
     too_big = gateway.post(
         "/v1/sessions",
