@@ -276,3 +276,25 @@ def test_a_terminated_session_s_credential_fails_everywhere_within_a_second(
 
     assert set(refused) == {"gateway", "tokens"}, refused
     assert max(refused.values()) < 1.0, refused
+
+
+def test_registration_conflicts_throttle_only_the_address_that_made_them(
+    gateway: httpx.Client,
+) -> None:
+    # The agent API registers through auth on the caller's behalf and forwards the caller's
+    # address, so one prober's conflicts do not shut registration for every other agent.
+    taken = register(gateway, "taken")
+    prober = {"x-forwarded-for": "203.0.113.7"}
+    answers = [
+        gateway.post("/v1/account/register", json={"name": taken.name}, headers=prober)
+        for _ in range(12)
+    ]
+    assert answers[0].status_code == 400, answers[0].text
+    assert answers[-1].status_code == 429, answers[-1].text
+    assert answers[-1].json()["success"] is False
+    other = gateway.post(
+        "/v1/account/register",
+        json={"name": f"other_{uuid.uuid4().hex[:10]}"},
+        headers={"x-forwarded-for": "203.0.113.8"},
+    )
+    assert other.status_code == 201, other.text

@@ -126,7 +126,11 @@ class AgentDispatch:
             return
         peer = (scope.get("client") or ("unknown", 0))[0]
         forwarded = [v.decode("latin-1") for n, v in scope["headers"] if n == b"x-forwarded-for"]
-        address = "addr:" + self.proxies.client_of(peer, forwarded)
+        client = self.proxies.client_of(peer, forwarded)
+        # The agent API calls auth on the caller's behalf: auth counts per client (login,
+        # registration conflicts) by the address forwarded from here.
+        scope.setdefault("state", {})["client_address"] = client
+        address = "addr:" + client
         decision = await limiter.hit(
             [(_credential_key(scope) or address, self.policy), (address, self.address_policy)]
         )

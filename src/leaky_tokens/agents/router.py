@@ -127,7 +127,8 @@ async def health(request: Request) -> Response:
 
 @router.post("/account/register")
 async def register(body: RegisterBody, request: Request) -> Response:
-    return ok(await _service(request).register(body.name, body.email), status=201)
+    client = getattr(request.state, "client_address", None)
+    return ok(await _service(request).register(body.name, body.email, client), status=201)
 
 
 @router.post("/auth/token")

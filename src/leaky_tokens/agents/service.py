@@ -82,12 +82,17 @@ class AgentService:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "service": "leaky-tokens agent API", "version": __version__}
 
-    async def register(self, name: str, email: str | None) -> dict[str, Any]:
+    async def register(
+        self, name: str, email: str | None, client_address: str | None = None
+    ) -> dict[str, Any]:
+        """`client_address`: the caller as the edge established it, forwarded so that auth
+        counts registration conflicts per agent, not for all agents together."""
         secret = secrets.token_urlsafe(32)
         account = await self.services.call(
             "auth",
             "POST",
             "/api/v1/auth/register",
+            headers={"x-forwarded-for": client_address} if client_address else None,
             json_body={
                 "username": name,
                 "email": email or f"{name}@agents.invalid",
