@@ -70,6 +70,7 @@ def test_unknown_service_is_refused(tmp_path: Path) -> None:
 def test_admin_commands_create_a_user_and_a_quota(tmp_path: Path) -> None:
     env = clean_env(tmp_path)
     env["LEAKY_URLS__TOKENS"] = f"http://127.0.0.1:{closed_port()}"  # no token service running
+    env["LEAKY_URLS__AUTH"] = f"http://127.0.0.1:{closed_port()}"  # no auth service running
     created = run_cli(
         "admin",
         "create-user",
@@ -162,3 +163,84 @@ async def test_set_quota_goes_through_the_running_token_service(tmp_path: Path) 
     assert "through the running token service" in out.decode()
     assert "total=500 remaining=200" in out.decode()
     assert (view.total_tokens, view.remaining_tokens) == (500, 200)
+
+
+async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    import asyncio
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "leaky_tokens.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_create_user_and_rotate_go_through_the_running_auth_service(tmp_path: Path) -> None:
+    """Issue 9: `admin create-user` and `admin rotate-signing-key` wrote the auth database
+    behind the running service's back (a rotation reached it only at the next key refresh).
+    With the service up they ask it; the CLI's own data directory stays untouched, so a direct
+    write would be visible as a user the service does not know."""
+    from leaky_tokens.auth.app import create_auth_app
+    from leaky_tokens.settings import AuthSettings, Settings
+    from tests.live_server import serving
+
+    token = "cli-internal-token-for-this-test"
+    settings = Settings(
+        access_log=False,
+        data_dir=tmp_path / "service",
+        internal_token=token,
+        auth=AuthSettings(signing_key_refresh_seconds=3600),
+    )
+    app = create_auth_app(settings)
+    async with serving(app, lifespan=True) as url:
+        env = clean_env(tmp_path) | {"LEAKY_URLS__AUTH": url, "LEAKY_INTERNAL_TOKEN": token}
+        created = await _cli(
+            "admin",
+            "create-user",
+            "--username",
+            "boss",
+            "--email",
+            "boss@example.com",
+            "--password",
+            "password123",
+            "--admin",
+            env=env,
+        )
+        taken = await _cli(
+            "admin",
+            "create-user",
+            "--username",
+            "BOSS",
+            "--email",
+            "other@example.com",
+            "--password",
+            "password123",
+            env=env,
+        )
+        before = app.state.auth_service.keys.current_kid
+        rotated = await _cli("admin", "rotate-signing-key", env=env)
+        after = app.state.auth_service.keys.current_kid
+        session = await app.state.auth_service.login("boss", "password123", "127.0.0.1")
+        wrong_token = await _cli(
+            "admin", "rotate-signing-key", env=env | {"LEAKY_INTERNAL_TOKEN": "not-it"}
+        )
+
+    assert created[0] == 0, created[2]
+    assert "created user boss (" in created[1]
+    assert "roles=USER,ADMIN" in created[1]
+    assert taken[0] == 1
+    assert "username already exists" in taken[2]
+    assert session.user.username == "boss"
+    assert "ADMIN" in session.user.roles
+    assert rotated[0] == 0, rotated[2]
+    assert after != before
+    assert f"new signing key {after};" in rotated[1]
+    assert wrong_token[0] == 1
+    assert not (tmp_path / "var" / "auth.db").exists()

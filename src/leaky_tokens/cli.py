@@ -142,6 +142,18 @@ def create_user(
     settings = _settings(config)
 
     async def run() -> int:
+        body = {"username": username, "email": email, "password": password, "admin": make_admin}
+        through_service = await _via_running_service(
+            settings, "/internal/users", body, service="auth", method="POST"
+        )
+        if through_service is not None:
+            status, answer = through_service
+            if status != 201:
+                typer.echo(f"leaky-tokens: {answer.get('message', status)}", err=True)
+                return 1
+            roles = ",".join(answer["roles"])
+            typer.echo(f"created user {answer['username']} ({answer['id']}) roles={roles}")
+            return 0
         async with _auth_service(settings) as service:
             try:
                 user = await service.create_user(username, email, password, admin=make_admin)
@@ -160,6 +172,19 @@ def rotate_signing_key(config: ConfigOption = None) -> None:
     settings = _settings(config)
 
     async def run() -> int:
+        through_service = await _via_running_service(
+            settings, "/internal/signing-keys/rotate", {}, service="auth", method="POST"
+        )
+        if through_service is not None:
+            status, answer = through_service
+            if status != 200:
+                typer.echo(f"leaky-tokens: {answer.get('message', status)}", err=True)
+                return 1
+            typer.echo(
+                f"new signing key {answer['kid']}; running auth services pick it up within "
+                f"{settings.auth.signing_key_refresh_seconds:g}s"
+            )
+            return 0
         async with _auth_service(settings) as service:
             kid = await service.rotate_signing_key()
             typer.echo(
@@ -251,11 +276,17 @@ def set_quota(
 
 
 async def _via_running_service(
-    settings: Settings, path: str, body: dict[str, object]
+    settings: Settings,
+    path: str,
+    body: dict[str, object],
+    *,
+    service: str = "tokens",
+    method: str = "PUT",
 ) -> tuple[int, dict[str, Any]] | None:
-    """PUT `body` to the running token service's internal admin API: (status, answer), or None
-    when no token service answers (then the caller writes the database itself). Going through
-    the service keeps its process the only writer of its SQLite file while it runs."""
+    """Send `body` to the running `service`'s internal admin API (/internal, internal token):
+    (status, answer), or None when no such service answers (then the caller writes the
+    database itself). Going through the service keeps its process the only writer of its
+    SQLite file while it runs."""
     import orjson
 
     from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER, resolve_internal_token
@@ -266,8 +297,8 @@ async def _via_running_service(
     try:
         answer = await fetch(
             session,
-            "PUT",
-            settings.url_of("tokens") + path,
+            method,
+            settings.url_of(service) + path,
             timeout_seconds=30.0,
             headers={INTERNAL_TOKEN_HEADER: token},
             json_body=body,
@@ -275,13 +306,13 @@ async def _via_running_service(
     except OutboundError as exc:
         if exc.kind == "connect":
             return None
-        _fail(f"the running token service did not answer ({exc.reason})", code=1)
+        _fail(f"the running {service} service did not answer ({exc.reason})", code=1)
         raise  # (not reached)
     finally:
         await session.close()
     parsed = orjson.loads(answer.body) if answer.body else {}
     if answer.status == 404:
-        return None  # something else listens there (an older token service): use the file
+        return None  # something else listens there (an older service): use the file
     return answer.status, parsed if isinstance(parsed, dict) else {}
 
 

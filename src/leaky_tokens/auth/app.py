@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from leaky_tokens.auth.router import router
+from leaky_tokens.auth.router import internal_router, router
 from leaky_tokens.auth.service import AuthService
 from leaky_tokens.settings import Settings
 from leaky_tokens.shared.app import build_service_app, exposure_of
@@ -128,7 +128,7 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
         "auth",
         title="Leaky Tokens — auth service",
         description="Users, roles, organisations, RS256 JWTs (JWKS) and API keys.",
-        routers=[router],
+        routers=[router, internal_router],
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,

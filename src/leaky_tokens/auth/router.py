@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from leaky_tokens.auth.models import ApiKey, Organization
 from leaky_tokens.auth.schemas import (
@@ -13,6 +13,8 @@ from leaky_tokens.auth.schemas import (
     ApiKeyCreated,
     ApiKeyRead,
     ApiKeyValidation,
+    InternalUserCreate,
+    InternalUserRead,
     KeyRotated,
     LoginRequest,
     MemberAdd,
@@ -320,3 +322,31 @@ async def remove_member(
 ) -> Response:
     await _service(request).remove_member(principal, org_id, user_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# The CLI's writes while the service runs (`leaky-tokens admin create-user`,
+# `admin rotate-signing-key`): through this process rather than into its database behind its
+# back (and, for a rotation, at once rather than at the next key refresh). Off /api/v1, so the
+# gateway never routes here; authenticated by the internal token of the data directory.
+internal_router = APIRouter(prefix="/internal", include_in_schema=False)
+
+
+def _internal_only(request: Request) -> None:
+    expected: str = request.app.state.internal_token
+    check_internal_token(expected.encode(), request.headers.get(INTERNAL_TOKEN_HEADER))
+
+
+@internal_router.post(
+    "/users", status_code=status.HTTP_201_CREATED, dependencies=[Depends(_internal_only)]
+)
+async def create_user_internal(body: InternalUserCreate, request: Request) -> InternalUserRead:
+    # The same checks as the CLI's direct write (password policy, taken names), no more.
+    user = await _service(request).create_user(
+        body.username, body.email, body.password, admin=body.admin
+    )
+    return InternalUserRead(id=user.id, username=user.username, roles=list(user.roles))
+
+
+@internal_router.post("/signing-keys/rotate", dependencies=[Depends(_internal_only)])
+async def rotate_signing_key_internal(request: Request) -> KeyRotated:
+    return KeyRotated(kid=await _service(request).rotate_signing_key())

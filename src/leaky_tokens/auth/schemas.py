@@ -137,3 +137,18 @@ class PrincipalRead(ApiModel):
 
 class KeyRotated(ApiModel):
     kid: str
+
+
+class InternalUserCreate(RequestModel):
+    """`leaky-tokens admin create-user` through the running auth service (internal only)."""
+
+    username: str
+    email: str
+    password: str
+    admin: bool = False
+
+
+class InternalUserRead(ApiModel):
+    id: uuid.UUID
+    username: str
+    roles: list[str]
