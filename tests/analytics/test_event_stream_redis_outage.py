@@ -111,7 +111,7 @@ async def system(
                 assert quota.status_code == 200, quota.text
                 yield http, str(user), settings
         finally:
-            client = redis.Redis.from_url(proxy.url)
+            client = redis.Redis.from_url(proxy.url, socket_timeout=2, socket_connect_timeout=2)
             with contextlib.suppress(Exception):
                 keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
                 if keys:
@@ -173,3 +173,39 @@ async def test_events_wait_in_the_outbox_through_a_redis_outage_and_arrive_once(
     assert len(wanted) == 13
     assert set(counts) == wanted
     assert all(n == 1 for n in counts.values()), counts  # exactly once, by event id
+
+
+async def test_the_services_stop_within_a_bound_in_the_outage_and_deliver_after_restart(
+    proxy: RedisProxy, tmp_path: Path
+) -> None:
+    """Stopped while Redis swallows everything (relay and consumer mid-command), the services
+    still stop (no hang on a Redis that never answers); the events left in the outbox reach
+    analytics exactly once after a restart with Redis back."""
+
+    async def run_in_outage() -> None:
+        async with system(proxy, tmp_path) as (http, user, _):
+            assert 500 not in await consume_some(http, user, 2)
+            await proxy.set("black hole")
+            assert 500 not in await consume_some(http, user, 3)
+
+    await asyncio.wait_for(run_in_outage(), WORST_ANSWER_SECONDS * 3)
+    await proxy.set("up")
+    async with system(proxy, tmp_path) as (http, user, settings):
+        tokens_db = Database(settings.database_url("tokens"))
+        analytics_db = Database(settings.database_url("analytics"))
+        try:
+
+            async def all_arrived() -> bool:
+                wanted, pending = await outbox(tokens_db)
+                return pending == 0 and set(await stored(analytics_db)) == wanted
+
+            await eventually(all_arrived, within=90, what="the outbox delivered after restart")
+            wanted, _ = await outbox(tokens_db)
+            counts = await stored(analytics_db)
+        finally:
+            await tokens_db.dispose()
+            await analytics_db.dispose()
+
+    assert len(wanted) == 5
+    assert set(counts) == wanted
+    assert all(n == 1 for n in counts.values()), counts
