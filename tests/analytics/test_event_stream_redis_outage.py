@@ -190,7 +190,7 @@ async def test_the_services_stop_within_a_bound_in_the_outage_and_deliver_after_
 
     await asyncio.wait_for(run_in_outage(), WORST_ANSWER_SECONDS * 3)
     await proxy.set("up")
-    async with system(proxy, tmp_path) as (http, user, settings):
+    async with system(proxy, tmp_path) as (_http, _user, settings):
         tokens_db = Database(settings.database_url("tokens"))
         analytics_db = Database(settings.database_url("analytics"))
         try:
