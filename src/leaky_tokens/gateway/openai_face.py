@@ -16,6 +16,7 @@ OPENAI_ROUTES: tuple[tuple[str, str], ...] = (
     ("/v1/chat/completions", INFERENCE_UPSTREAM),
     ("/v1/models", INFERENCE_UPSTREAM),
     ("/v1/models/", INFERENCE_UPSTREAM),
+    ("/v1/embeddings", INFERENCE_UPSTREAM),  # issue 12
 )
 # The upstream's real address: the token service.
 SERVED_BY = {INFERENCE_UPSTREAM: "tokens"}

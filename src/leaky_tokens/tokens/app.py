@@ -22,6 +22,8 @@ from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_f
 from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.inference.adapters import ProviderHttp, build_adapters
 from leaky_tokens.tokens.inference.catalogue import Catalogue
+from leaky_tokens.tokens.inference.embeddings import EmbeddingAdapters, EmbeddingService
+from leaky_tokens.tokens.inference.embeddings_router import router as embeddings_router
 from leaky_tokens.tokens.inference.router import router as inference_router
 from leaky_tokens.tokens.inference.service import InferenceService
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
@@ -95,11 +97,15 @@ def create_tokens_app(
         the_clock = clock or SystemClock()
         service = TokenService(database, settings.tokens, the_clock, buckets, providers)
         provider_http = ProviderHttp(settings.inference)
-        app.state.inference_service = InferenceService(
+        inference = InferenceService(
             service,
             settings.inference,
             Catalogue(settings.inference.models),
             build_adapters(settings, provider_http),
+        )
+        app.state.inference_service = inference
+        app.state.embedding_service = EmbeddingService(
+            inference, EmbeddingAdapters.from_settings(settings, provider_http)
         )
         flags = FeatureFlags(database, the_clock)
         await flags.seed(settings.tokens.flags)
@@ -164,7 +170,7 @@ def create_tokens_app(
         description=(
             "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
         ),
-        routers=[router, inference_router, internal_router],
+        routers=[router, inference_router, embeddings_router, internal_router],
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,

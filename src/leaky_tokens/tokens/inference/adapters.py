@@ -233,7 +233,7 @@ class ProviderHttp:
     async def read_json(self, response: aiohttp.ClientResponse, deadline: float) -> Any:
         try:
             async with asyncio.timeout_at(deadline):
-                raw = await response.content.read(MAX_ANSWER_BYTES + 1)
+                raw = await read_up_to(response, MAX_ANSWER_BYTES + 1)
         except TimeoutError:
             raise ProviderError("timeout", "the provider did not answer in time") from None
         except aiohttp.ClientError:
@@ -246,6 +246,20 @@ class ProviderHttp:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise ProviderError("failed", "the provider answered something not JSON") from None
+
+
+async def read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to `limit` bytes. `content.read(n)` returns what has arrived so far (at most
+    n), so a body larger than one read (a batch of embeddings) needs the loop."""
+    pieces: list[bytes] = []
+    size = 0
+    while size < limit:
+        piece = await response.content.read(limit - size)
+        if not piece:
+            break
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)
 
 
 async def sse_data(response: aiohttp.ClientResponse, idle_seconds: float) -> AsyncIterator[bytes]:
