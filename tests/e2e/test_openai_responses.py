@@ -193,5 +193,90 @@ def test_an_exhausted_pool_refuses_embeddings_without_retries(
     assert poor.remaining("qwen") == 3
 
 
+# --- the Responses API ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", list(CHAT))
+def test_a_plain_response_is_charged_exactly_its_reported_usage(
+    sdk: SdkFactory, tenant: Tenant, provider: str
+) -> None:
+    client = sdk(tenant)
+    before = tenant.remaining(provider)
+    raw = client.responses.with_raw_response.create(
+        model=CHAT[provider],
+        instructions="Answer in one short sentence.",
+        input="Say hello to the gateway.",
+        max_output_tokens=40,
+    )
+    response = raw.parse()
+    assert response.object == "response"
+    assert response.model == CHAT[provider]
+    assert response.status in ("completed", "incomplete")
+    assert response.output_text
+    assert response.usage is not None
+    assert response.usage.input_tokens > 0
+    assert response.usage.output_tokens > 0
+    assert before - tenant.remaining(provider) == response.usage.total_tokens
+    assert raw.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("provider", list(CHAT))
+def test_a_streamed_response_sends_the_typed_events_and_is_charged_exactly(
+    sdk: SdkFactory, tenant: Tenant, provider: str
+) -> None:
+    client = sdk(tenant)
+    before = tenant.remaining(provider)
+    events = list(
+        client.responses.create(
+            model=CHAT[provider],
+            input=[
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "input_text", "text": "Say hello."}]},
+            ],
+            max_output_tokens=40,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    for expected in (
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ):
+        assert expected in kinds, kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert deltas
+    assert final.output_text == deltas
+    assert final.model == CHAT[provider]
+    assert final.usage is not None
+    assert before - tenant.remaining(provider) == final.usage.total_tokens
+
+
+def test_responses_errors_are_the_sdks_exceptions_and_charge_nothing(
+    sdk: SdkFactory, tenant: Tenant
+) -> None:
+    client = sdk(tenant, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="no-such-model", input="hello")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.create(model="gpt-4o-mini", input=[])
+    assert bad.value.param == "input"
+    with pytest.raises(openai.BadRequestError) as embedder:
+        client.responses.create(model="text-embedding-v3", input="hello")
+    assert embedder.value.param == "model"
+    with pytest.raises(openai.NotFoundError) as stored:
+        client.responses.retrieve("resp_123")
+    assert stored.value.code == "response_not_found"
+    for provider in CHAT:
+        assert tenant.remaining(provider) == 100_000
+
+
 def _unique() -> str:
     return uuid.uuid4().hex

@@ -20,10 +20,16 @@ from leaky_tokens.shared.http import face_of
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 from leaky_tokens.tokens.flags import FeatureFlags
-from leaky_tokens.tokens.inference.adapters import ProviderHttp, build_adapters
+from leaky_tokens.tokens.inference.adapters import (
+    ProviderHttp,
+    build_adapters,
+    endpoints_from_settings,
+)
 from leaky_tokens.tokens.inference.catalogue import Catalogue
 from leaky_tokens.tokens.inference.embeddings import EmbeddingAdapters, EmbeddingService
 from leaky_tokens.tokens.inference.embeddings_router import router as embeddings_router
+from leaky_tokens.tokens.inference.responses import ResponsesService
+from leaky_tokens.tokens.inference.responses_router import router as responses_router
 from leaky_tokens.tokens.inference.router import router as inference_router
 from leaky_tokens.tokens.inference.service import InferenceService
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
@@ -107,6 +113,9 @@ def create_tokens_app(
         app.state.embedding_service = EmbeddingService(
             inference, EmbeddingAdapters.from_settings(settings, provider_http)
         )
+        app.state.responses_service = ResponsesService(
+            inference, endpoints_from_settings(settings)["openai"], provider_http
+        )
         flags = FeatureFlags(database, the_clock)
         await flags.seed(settings.tokens.flags)
         orchestrator = SagaOrchestrator(
@@ -170,7 +179,7 @@ def create_tokens_app(
         description=(
             "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
         ),
-        routers=[router, inference_router, embeddings_router, internal_router],
+        routers=[router, inference_router, embeddings_router, responses_router, internal_router],
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,

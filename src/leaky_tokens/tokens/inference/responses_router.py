@@ -1,0 +1,45 @@
+"""HTTP routes of the Responses API (issue 12): `POST /v1/responses` (plain and streamed) and
+`GET /v1/responses/{id}`; the rules are in responses.py."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from leaky_tokens.shared.authn import CurrentPrincipal
+from leaky_tokens.shared.request_context import current_request_id
+from leaky_tokens.tokens.inference.embeddings_router import json_body
+from leaky_tokens.tokens.inference.errors import ResponseNotFound
+from leaky_tokens.tokens.inference.responses import ResponsesService, parse_responses_request
+from leaky_tokens.tokens.inference.router import MeteredEventStream
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _service(request: Request) -> ResponsesService:
+    service: ResponsesService = request.app.state.responses_service
+    return service
+
+
+@router.post("/responses")
+async def create_response(request: Request, principal: CurrentPrincipal) -> Response:
+    service = _service(request)
+    body = json_body(await request.body())
+    parsed = parse_responses_request(body, service.inference.catalogue)
+    if parsed.stream:
+        stream = await service.open_stream(principal, parsed, current_request_id())
+        return MeteredEventStream(stream)
+    answer, headers = await service.create(principal, parsed, current_request_id())
+    return Response(orjson.dumps(answer), media_type="application/json", headers=headers)
+
+
+@router.get("/responses/{response_id}")
+async def get_response(response_id: str, _: CurrentPrincipal) -> Response:
+    """Stored responses are not kept by the gateway (a provider's store is shared by every
+    tenant behind one upstream key, so it cannot be exposed per caller): always a 404."""
+    raise ResponseNotFound(
+        f"Response with id '{response_id}' not found. This gateway does not store responses; "
+        "keep the answer of POST /v1/responses (or replay it with the same Idempotency-Key).",
+        details=[{"field": "response_id", "message": "not stored"}],
+    )
