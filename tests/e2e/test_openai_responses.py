@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import base64
 import struct
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,8 @@ def system(stack_env: tuple[Path, dict[str, str], str]) -> Iterator[Stack]:
             "LEAKY_TOKENS__BUCKET_CAPACITY": "1000000",
             "LEAKY_TOKENS__BUCKET_LEAK_PER_SECOND": "1000000",
             "LEAKY_STUBS__CHUNK_DELAY_MS": "20",
+            # A hung provider call (the in-flight test) ends in a 504 within seconds.
+            "LEAKY_INFERENCE__TIMEOUT_SECONDS": "8",
         }
     )
     try:
@@ -278,5 +283,174 @@ def test_responses_errors_are_the_sdks_exceptions_and_charge_nothing(
         assert tenant.remaining(provider) == 100_000
 
 
-def _unique() -> str:
-    return uuid.uuid4().hex
+# --- idempotent inference --------------------------------------------------------------------
+
+
+def _key() -> dict[str, str]:
+    return {"Idempotency-Key": f"test-{uuid.uuid4()}"}
+
+
+class Faults:
+    """The OpenAI stub's faults, set by an ADMIN through the gateway. `remainingCalls` counts
+    the provider calls that reached the stub while they are set."""
+
+    def __init__(self, gateway: httpx.Client, admin: Account) -> None:
+        self.gateway, self.admin = gateway, admin
+
+    def set(self, **faults: object) -> None:
+        answer = self.gateway.put("/api/v1/openai/faults", headers=self.admin.bearer, json=faults)
+        assert answer.status_code == 200, answer.text
+
+    def remaining_calls(self) -> int:
+        """Calls the faults still apply to; 0 once used up (the stub then clears them)."""
+        answer = self.gateway.get("/api/v1/openai/faults", headers=self.admin.bearer)
+        assert answer.status_code == 200, answer.text
+        value: int | None = answer.json()["remainingCalls"]
+        return value or 0
+
+    def clear(self) -> None:
+        self.gateway.delete("/api/v1/openai/faults", headers=self.admin.bearer)
+
+
+@pytest.fixture
+def faults(gateway: httpx.Client, admin: Account) -> Iterator[Faults]:
+    stub = Faults(gateway, admin)
+    try:
+        yield stub
+    finally:
+        stub.clear()
+
+
+def test_a_replayed_completion_is_the_same_answer_and_charged_once(
+    sdk: SdkFactory, tenant: Tenant
+) -> None:
+    client = sdk(tenant)
+    key = _key()
+    before = tenant.remaining("qwen")
+    first = client.chat.completions.with_raw_response.create(
+        model="qwen-turbo", messages=[{"role": "user", "content": "Hi!"}], extra_headers=key
+    )
+    again = client.chat.completions.with_raw_response.create(
+        model="qwen-turbo", messages=[{"role": "user", "content": "Hi!"}], extra_headers=key
+    )
+    one, two = first.parse(), again.parse()
+    assert two.id == one.id
+    assert two.choices[0].message.content == one.choices[0].message.content
+    assert one.usage is not None
+    assert before - tenant.remaining("qwen") == one.usage.total_tokens
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+def test_a_replayed_stream_is_the_same_events_and_charged_once(
+    sdk: SdkFactory, tenant: Tenant, provider: str
+) -> None:
+    client = sdk(tenant)
+    key = _key()
+    before = tenant.remaining(provider)
+
+    def run() -> list[Any]:
+        stream = client.responses.create(
+            model=CHAT[provider], input="Count to three.", stream=True, extra_headers=key
+        )
+        return list(stream)
+
+    first = run()
+    again = run()
+    # The same events: same ids, text and usage.
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in first]
+    assert first[-1].type == "response.completed"
+    usage = first[-1].response.usage
+    assert usage is not None
+    assert before - tenant.remaining(provider) == usage.total_tokens
+
+
+def test_the_same_key_with_another_body_is_a_422_the_sdk_does_not_retry(
+    system: Stack, tenant: Tenant
+) -> None:
+    attempts: list[httpx.Request] = []
+    with httpx.Client(event_hooks={"request": [attempts.append]}) as counting:
+        client = tenant.client(system, max_retries=2, http_client=counting)
+        key = _key()
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "one"}], extra_headers=key
+        )
+        charged = 100_000 - tenant.remaining("openai")
+        attempts.clear()
+        with pytest.raises(openai.UnprocessableEntityError) as reused:
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "two"}],
+                extra_headers=key,
+            )
+    assert reused.value.code == "idempotency_key_reused"
+    assert len(attempts) == 1
+    assert 100_000 - tenant.remaining("openai") == charged
+
+
+def test_a_duplicate_while_the_first_is_in_flight_is_a_409_with_retry_after(
+    gateway: httpx.Client, sdk: SdkFactory, tenant: Tenant, faults: Faults
+) -> None:
+    faults.set(hang=True, remainingCalls=1)  # the first call reaching the stub hangs
+    key = _key()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Wait for it."}]}
+    headers = {"Authorization": f"Bearer {tenant.key['rawKey']}", **key}
+    outcome: dict[str, int] = {}
+
+    def first_call() -> None:
+        with httpx.Client(base_url=gateway.base_url, timeout=60) as client:
+            outcome["status"] = client.post(
+                "/v1/chat/completions", json=body, headers=headers
+            ).status_code
+
+    worker = threading.Thread(target=first_call)
+    worker.start()
+    try:
+        poll_until(lambda: faults.remaining_calls() == 0, "the first call reaches the stub")
+        busy = gateway.post("/v1/chat/completions", json=body, headers=headers)
+        assert busy.status_code == 409, busy.text
+        assert busy.json()["error"]["code"] == "idempotency_request_in_progress"
+        assert busy.headers["retry-after"] == "1"
+        assert int(busy.headers["retry-after-ms"]) > 0
+    finally:
+        worker.join(60)
+    assert outcome["status"] == 504  # the hung call timed out: refunded, and its key released
+    assert tenant.remaining("openai") == 100_000
+    retried = sdk(tenant).chat.completions.create(**body, extra_headers=key)  # type: ignore[call-overload]
+    assert retried.usage is not None
+    assert 100_000 - tenant.remaining("openai") == retried.usage.total_tokens
+
+
+def test_concurrent_calls_with_one_key_make_one_provider_call_and_one_charge(
+    sdk: SdkFactory, tenant: Tenant, faults: Faults
+) -> None:
+    faults.set(latencyMs=1000, remainingCalls=1000)  # slow enough for the others to collide
+    key = _key()
+    # The SDK retries the 409s (retry-after-ms) into the replay; generous retries for a
+    # loaded machine.
+    client = sdk(tenant, max_retries=200)
+    messages = [{"role": "user", "content": "All at once."}]
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(
+            pool.map(
+                lambda _: client.chat.completions.create(
+                    model="gpt-4o-mini", messages=messages, extra_headers=key
+                ),
+                range(20),
+            )
+        )
+    assert len({a.id for a in answers}) == 1
+    assert len({a.choices[0].message.content for a in answers}) == 1
+    assert 1000 - faults.remaining_calls() == 1
+    usage = answers[0].usage
+    assert usage is not None
+    assert 100_000 - tenant.remaining("openai") == usage.total_tokens
+
+
+def poll_until(condition: Callable[[], bool], what: str, deadline: float = 30.0) -> None:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)

@@ -20,6 +20,7 @@ from leaky_tokens.shared.http import face_of
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 from leaky_tokens.tokens.flags import FeatureFlags
+from leaky_tokens.tokens.idempotency import IdempotencyKeys
 from leaky_tokens.tokens.inference.adapters import (
     ProviderHttp,
     build_adapters,
@@ -116,6 +117,8 @@ def create_tokens_app(
         app.state.responses_service = ResponsesService(
             inference, endpoints_from_settings(settings)["openai"], provider_http
         )
+        idempotency_keys = IdempotencyKeys(database, settings.inference, the_clock)
+        app.state.idempotency_keys = idempotency_keys
         flags = FeatureFlags(database, the_clock)
         await flags.seed(settings.tokens.flags)
         orchestrator = SagaOrchestrator(
@@ -137,6 +140,7 @@ def create_tokens_app(
         background = [
             asyncio.create_task(_sweep_forever(service, settings.tokens.sweep_interval_seconds)),
             asyncio.create_task(orchestrator.run_forever()),
+            asyncio.create_task(idempotency_keys.sweep_forever(), name="idempotency-sweeper"),
         ]
         # outbox -> analytics (issue 5)
         metrics_registry = app.state.metrics.registry

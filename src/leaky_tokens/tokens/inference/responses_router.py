@@ -8,7 +8,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from leaky_tokens.shared.authn import CurrentPrincipal
+from leaky_tokens.shared.principal import Principal
 from leaky_tokens.shared.request_context import current_request_id
+from leaky_tokens.tokens.idempotency import idempotent
 from leaky_tokens.tokens.inference.embeddings_router import json_body
 from leaky_tokens.tokens.inference.errors import ResponseNotFound
 from leaky_tokens.tokens.inference.responses import ResponsesService, parse_responses_request
@@ -24,8 +26,13 @@ def _service(request: Request) -> ResponsesService:
 
 @router.post("/responses")
 async def create_response(request: Request, principal: CurrentPrincipal) -> Response:
+    raw = await request.body()
+    return await idempotent(request, principal, raw, lambda: _create(request, principal, raw))
+
+
+async def _create(request: Request, principal: Principal, raw: bytes) -> Response:
     service = _service(request)
-    body = json_body(await request.body())
+    body = json_body(raw)
     parsed = parse_responses_request(body, service.inference.catalogue)
     if parsed.stream:
         stream = await service.open_stream(principal, parsed, current_request_id())

@@ -541,6 +541,12 @@ class MeteredStream:
     def headers(self) -> dict[str, str]:
         return self.admission.rate_limit_headers()
 
+    @property
+    def outcome(self) -> str:
+        """ "completed" once the stream reached its proper end (idempotent replays keep only
+        those); "provider_cut", "client_disconnected"… otherwise."""
+        return self._outcome
+
     async def events(self) -> AsyncIterator[bytes]:
         """SSE bytes for the client; ends with `[DONE]`, or with an error event when the
         provider broke off (then no `[DONE]`: the SDK raises on the error event)."""
