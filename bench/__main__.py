@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import bench_gateway, ceiling, consume, wrk
+from bench import bench_gateway, bench_inference, ceiling, consume, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -91,6 +91,10 @@ def main() -> None:
             )
     report["gateway"] = [row for shape in shapes for row in bench_gateway.run(shape, args.runs)]
     bench_gateway.print_rows(report["gateway"])
+    # /v1/chat/completions through the gateway (metered) against the OpenAI stub alone (issue 11)
+    report["inference"] = [bench_inference.run(shape, 5, 16, 200) for shape in shapes]
+    for row in report["inference"]:
+        bench_inference.print_report(row)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     print(f"written to {RESULTS / 'latest.json'}")

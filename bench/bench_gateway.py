@@ -10,6 +10,11 @@ its upstream share one process and one core's worth of event loop). Direct and g
 alternate; each figure is the median of `runs`, the added latency the median of the paired
 differences. The gateway's limit is set out of reach so every request is a full pass.
 
+CPU: utime+stime of the `up` process tree (/proc) around each run, per completed request. The
+embedded shape serves the gateway and its upstreams in that one process, so the gateway's own
+CPU per proxied request is the through-the-gateway figure less the direct one (`added_cpu_us`);
+the distributed shape's PostgreSQL and Redis are outside it.
+
     python -m bench.bench_gateway [--runs 3] [--seconds 5] [--shape embedded|distributed]
 """
 
@@ -32,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from bench import wrk
+from bench import procstat, wrk
 
 PG_ADMIN = os.environ.get("LEAKY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("LEAKY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -122,7 +127,20 @@ def _prepare(ports: dict[str, int]) -> list[dict[str, Any]]:
     ]
 
 
-def _measure(ports: dict[str, int], shape: str, runs: int, seconds: int) -> list[dict[str, Any]]:
+def _measured(
+    pid: int, url: str, headers: dict[str, str], connections: int, seconds: int
+) -> dict[str, float]:
+    pids = procstat.tree(pid)
+    before = procstat.cpu_seconds(pids)
+    figures = wrk.run_wrk(url, headers=headers, connections=connections, seconds=seconds)
+    cpu = procstat.cpu_seconds(pids) - before
+    figures["cpu_us"] = cpu * 1e6 / figures["requests"] if figures["requests"] else 0.0
+    return figures
+
+
+def _measure(
+    pid: int, ports: dict[str, int], shape: str, runs: int, seconds: int
+) -> list[dict[str, Any]]:
     rows = []
     for case in _prepare(ports):
         for connections in CONNECTIONS:
@@ -133,11 +151,7 @@ def _measure(ports: dict[str, int], shape: str, runs: int, seconds: int) -> list
             direct, through = [], []
             for _ in range(runs):
                 for url, sink in ((direct_url, direct), (gateway_url, through)):
-                    sink.append(
-                        wrk.run_wrk(
-                            url, headers=case["headers"], connections=connections, seconds=seconds
-                        )
-                    )
+                    sink.append(_measured(pid, url, case["headers"], connections, seconds))
             rows.append(_row(shape, case["name"], connections, direct, through))
     return rows
 
@@ -162,10 +176,11 @@ def _row(
         "request": name,
         "connections": connections,
         "runs": len(direct),
-        "direct": {k: median(direct, k) for k in ("rps", "p50_ms", "p99_ms")},
-        "gateway": {k: median(through, k) for k in ("rps", "p50_ms", "p99_ms")},
+        "direct": {k: median(direct, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_us")},
+        "gateway": {k: median(through, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_us")},
         "added_p50_ms": added("p50_ms"),
         "added_p99_ms": added("p99_ms"),
+        "added_cpu_us": round(added("cpu_us"), 1),
         "non2xx": int(sum(f["non2xx"] for f in direct + through)),
     }
 
@@ -209,7 +224,7 @@ def run(shape: str, runs: int = 3, seconds: int = 5) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             proc, ports = _start(Path(tmp), _env(Path(tmp), extra))
             try:
-                return _measure(ports, shape, runs, seconds)
+                return _measure(proc.pid, ports, shape, runs, seconds)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(20)
@@ -225,7 +240,8 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             f"gateway {r['shape']:<11} {r['request']:<32} c={r['connections']:<3} "
             f"direct p50 {d['p50_ms']:.3f} p99 {d['p99_ms']:.3f} {d['rps']:>7.0f}/s | "
             f"gateway p50 {g['p50_ms']:.3f} p99 {g['p99_ms']:.3f} {g['rps']:>7.0f}/s | "
-            f"added p50 {r['added_p50_ms']:+.3f} ms p99 {r['added_p99_ms']:+.3f} ms"
+            f"added p50 {r['added_p50_ms']:+.3f} ms p99 {r['added_p99_ms']:+.3f} ms "
+            f"cpu {d['cpu_us']:.0f}->{g['cpu_us']:.0f} us/req (+{r['added_cpu_us']:.0f})"
             + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else "")
         )
 

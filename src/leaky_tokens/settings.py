@@ -216,6 +216,9 @@ class InferenceSettings(BaseModel):
     attempts: int = Field(2, ge=1, le=5)
     max_retry_wait_seconds: float = Field(2.0, ge=0)
     max_connections: int = Field(512, ge=1)
+    # A /v1 reservation the sweeper may refund (a crashed process): longer than any call can
+    # last, streams included (the gateway cuts one at gateway.inference_answer_timeout_seconds).
+    reservation_ttl_seconds: float = Field(1200.0, gt=0)
     # Idempotent inference (issue 12): how long a key's answer is kept, how long a call in
     # flight holds its key before another attempt may take it over (a crashed call), and how
     # often expired keys are swept.
@@ -244,6 +247,14 @@ class InferenceSettings(BaseModel):
 
 class AnalyticsSettings(BaseModel):
     database_url: str = ""
+    # Retention: raw usage events are kept this long, then summed into per-minute rollups
+    # (kept without limit) and deleted; purchase events are deleted past their own retention.
+    retention_enabled: bool = True
+    raw_retention_seconds: float = Field(7 * 86_400.0, ge=60)
+    purchase_retention_seconds: float = Field(90 * 86_400.0, ge=60)
+    dead_letter_retention_seconds: float = Field(30 * 86_400.0, ge=60)
+    retention_batch: int = Field(5000, ge=1, le=100_000)
+    retention_every_seconds: float = Field(60.0, gt=0)
 
 
 class EventsSettings(BaseModel):
@@ -326,6 +337,9 @@ class GatewaySettings(BaseModel):
     # plain completion's headers come once the provider has answered whole, and a stream may
     # fall silent while a model thinks (the token service bounds both itself, a little sooner).
     inference_upstream_timeout_seconds: float = Field(150.0, gt=0)
+    # ... and in place of `answer_timeout_seconds`: a long reasoning stream may run for minutes
+    # (keep it below inference.reservation_ttl_seconds, or the sweeper refunds a live call).
+    inference_answer_timeout_seconds: float = Field(900.0, gt=0)
     # How long a request waits for one of the upstream's connections before a 503.
     pool_wait_seconds: float = Field(1.0, ge=0)
     health_timeout_seconds: float = Field(2.0, gt=0)

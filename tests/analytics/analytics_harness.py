@@ -150,11 +150,17 @@ def analytics_settings(database_url: str, data_dir: Path, **overrides: Any) -> S
 
 @asynccontextmanager
 async def running_analytics(
-    database_url: str, data_dir: Path, *, clock: FakeClock | None = None
+    database_url: str,
+    data_dir: Path,
+    *,
+    clock: FakeClock | None = None,
+    settings: Settings | None = None,
 ) -> AsyncIterator[AnalyticsClient]:
     clock = clock or FakeClock(NOW)
     app = create_analytics_app(
-        analytics_settings(database_url, data_dir), authenticator=FakeAuthenticator(), clock=clock
+        settings or analytics_settings(database_url, data_dir),
+        authenticator=FakeAuthenticator(),
+        clock=clock,
     )
     async with (
         app.router.lifespan_context(app),

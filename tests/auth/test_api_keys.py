@@ -37,7 +37,7 @@ async def test_creating_a_key_answers_201_with_the_raw_key(auth: AuthClient) -> 
 
     assert response.status_code == 201, response.text
     body = response.json()
-    assert set(body) == {"id", "userId", "name", "rawKey", "createdAt", "expiresAt"}
+    assert set(body) == {"id", "userId", "name", "rawKey", "createdAt", "expiresAt", "orgId"}
     assert re.fullmatch(rf"leaky_{user.user_id}_[0-9a-f]{{48}}", body["rawKey"])
     assert uuid.UUID(body["id"])
     assert body["userId"] == user.user_id
@@ -267,6 +267,7 @@ async def test_validating_a_key_answers_its_owner(auth: AuthClient) -> None:
         "roles": ["USER"],
         "apiKeyId": key["id"],
         "orgIds": [],
+        "orgId": None,
     }
     assert _parse(body["expiresAt"]) == expires
 

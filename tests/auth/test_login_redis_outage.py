@@ -17,10 +17,9 @@ from leaky_tokens.auth.app import create_auth_app
 from leaky_tokens.settings import Settings
 from tests.live_server import serving
 from tests.polling import eventually
-from tests.redis_proxy import RedisProxy, redis_proxy
+from tests.redis_proxy import RedisProxy, assert_no_stall, redis_proxy
 
 TIMEOUT = 0.5
-WORST_ANSWER_SECONDS = 6 * TIMEOUT + 3.0
 ERROR_KEYS = {"message", "timestamp", "code", "requestId"}
 
 
@@ -86,7 +85,7 @@ async def test_login_during_a_redis_outage_is_200_or_503_in_our_shape_and_heals(
 
         await proxy.set(outage)  # type: ignore[arg-type]
         during = await asyncio.gather(*(timed_login(http, username) for _ in range(6)))
-        during += [await timed_login(http, username) for _ in range(3)]
+        during += [await timed_login(http, username) for _ in range(12)]
         await proxy.set("up")
 
         async def logs_in_again() -> bool:
@@ -97,8 +96,8 @@ async def test_login_during_a_redis_outage_is_200_or_503_in_our_shape_and_heals(
         await eventually(logs_in_again, within=20, what="login through Redis again")
         after = [await timed_login(http, username) for _ in range(3)]
 
-    for seconds, response in during:
-        assert seconds < WORST_ANSWER_SECONDS, seconds
+    assert_no_stall([seconds for seconds, _ in during], TIMEOUT)
+    for _, response in during:
         if on_failure == "fallback":
             assert response.status_code == 200, response.text
         else:

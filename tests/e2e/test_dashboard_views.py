@@ -317,6 +317,70 @@ def test_usage_shows_each_provider_with_allowed_and_refused_requests(
     tab.console.assert_clean()
 
 
+def test_usage_shows_per_model_figures_when_events_name_a_model(
+    tab: Dashboard, user: Account, system: Stack
+) -> None:
+    """Usage events of /v1 calls (the usage-event contract's fields), pushed to analytics as the
+    token service's relay pushes them: the per-model table appears with their token kinds and
+    latency percentiles; a /consume-only window shows no such table (the other usage test)."""
+    from datetime import UTC, datetime
+
+    expect = _expect()
+    token = (system.workdir / "var" / "internal_token").read_text().strip()
+    now = datetime.now(UTC)
+    events = []
+    for i, (model, prompt, completion, latency) in enumerate(
+        [("gpt-4o-mini", 12, 30, 200), ("gpt-4o-mini", 8, 20, 400), ("gpt-4o", 100, 50, 900)]
+    ):
+        event_id = str(uuid.uuid4())
+        events.append(
+            {
+                "eventId": event_id,
+                "stream": "usage",
+                "type": "TokensConsumed",
+                "aggregateId": user.user_id,
+                "occurredAt": now.isoformat().replace("+00:00", "Z"),
+                "payload": {
+                    "eventId": event_id,
+                    "type": "TokensConsumed",
+                    "decision": "ALLOWED",
+                    "allowed": True,
+                    "userId": user.user_id,
+                    "orgId": None,
+                    "provider": "openai",
+                    "tokens": prompt + completion,
+                    "requestId": f"req_model_{i}",
+                    "model": model,
+                    "promptTokens": prompt,
+                    "completionTokens": completion,
+                    "estimated": False,
+                    "latencyMs": latency,
+                    "stream": False,
+                    "reservedTokens": prompt + 64,
+                },
+            }
+        )
+    tab.sign_in(user.username, user.password)
+    table = tab.page.locator("#usage-models")
+    expect(tab.page.locator("#usage-totals td.empty")).to_be_visible(timeout=15_000)
+    expect(table).to_be_hidden()  # nothing names a model yet
+    with httpx.Client(base_url=system.url("analytics"), timeout=30) as analytics:
+        pushed = analytics.post(
+            "/api/v1/analytics/events",
+            json={"events": events},
+            headers={"X-Internal-Token": token},
+        )
+        assert pushed.status_code == 200, pushed.text
+    expect(table).to_be_visible(timeout=20_000)  # the next refresh (every 5 s)
+    mini = table.locator("tbody tr", has=tab.page.locator("td:text-is('gpt-4o-mini')"))
+    # requests, prompt, completion, tokens, p50, p95 (nearest rank of 200 and 400 ms)
+    expect(mini.locator("td.num")).to_have_text(["2", "20", "50", "70", "200", "400"])
+    big = table.locator("tbody tr", has=tab.page.locator("td:text-is('gpt-4o')"))
+    expect(big.locator("td.num")).to_have_text(["1", "100", "50", "150", "900", "900"])
+    tab.screenshot("usage-models")
+    tab.console.assert_clean()
+
+
 # --- keyboard, accessibility, narrow screens ----------------------------------------------------
 
 

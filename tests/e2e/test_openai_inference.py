@@ -98,14 +98,29 @@ class Tenant:
         return value
 
     def client(self, system: Stack, **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=system.url("gateway") + "/v1", api_key=self.key["rawKey"], **kwargs
-        )
+        return sdk(system.url("gateway") + "/v1", self.key["rawKey"], **kwargs)
 
 
 @pytest.fixture
 def tenant(gateway: httpx.Client, admin: Account) -> Tenant:
     return Tenant(gateway, admin)
+
+
+# Every SDK client a test opens, closed after it (a leaked socket is a ResourceWarning error).
+_OPENED: list[openai.OpenAI | httpx.Client] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def sdk(base_url: str, api_key: str, **kwargs: Any) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, **kwargs)
+    _OPENED.append(client)
+    return client
 
 
 def test_models_lists_the_catalogue_with_each_provider_as_owner(
@@ -139,7 +154,13 @@ def test_a_plain_completion_is_charged_exactly_the_reported_usage(
     assert completion.usage.completion_tokens > 0
     assert before - tenant.remaining(provider) == completion.usage.total_tokens
     assert raw.headers["x-request-id"]
+    # OpenAI's rate-limit headers: requests from the gateway's window, tokens from the bucket
+    assert int(raw.headers["x-ratelimit-limit-requests"]) == 100_000
+    assert int(raw.headers["x-ratelimit-remaining-requests"]) < 100_000
     assert int(raw.headers["x-ratelimit-limit-tokens"]) > 0
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) >= 0
+    assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert raw.headers["x-ratelimit-reset-tokens"].endswith("s")
 
 
 @pytest.mark.parametrize("provider", list(MODELS))
@@ -202,9 +223,7 @@ def test_bad_requests_raise_the_sdks_exceptions(system: Stack, tenant: Tenant) -
         client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=0)
     assert bad_cap.value.param == "max_tokens"
 
-    wrong_key = openai.OpenAI(
-        base_url=system.url("gateway") + "/v1", api_key=f"leaky_{uuid.uuid4()}_{'0' * 48}"
-    )
+    wrong_key = sdk(system.url("gateway") + "/v1", f"leaky_{uuid.uuid4()}_{'0' * 48}")
     with pytest.raises(openai.AuthenticationError) as refused:
         wrong_key.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert refused.value.code == "invalid_api_key"
@@ -217,6 +236,7 @@ def test_exhausted_quota_is_a_rate_limit_error_the_sdk_does_not_retry(
     tenant = Tenant(gateway, admin, tokens=10)  # less than a prompt and a minimum answer
     attempts: list[httpx.Request] = []
     counting = httpx.Client(event_hooks={"request": [attempts.append]})
+    _OPENED.append(counting)
     client = tenant.client(system, max_retries=2, http_client=counting)
     with pytest.raises(openai.RateLimitError) as exhausted:
         client.chat.completions.create(model="qwen-turbo", messages=HELLO)
@@ -271,3 +291,137 @@ def test_a_revoked_key_fails_on_v1_within_a_second(
             time.sleep(0.02)
     assert refused_after is not None
     assert refused_after < 1.0, refused_after
+
+
+def test_a_key_made_for_an_org_charges_the_orgs_pool(
+    system: Stack, gateway: httpx.Client, admin: Account, tenant: Tenant
+) -> None:
+    created = gateway.post(
+        "/api/v1/auth/orgs", headers=tenant.account.bearer, json={"name": "inference-org"}
+    )
+    assert created.status_code == 201, created.text
+    org_id = created.json()["orgId"]
+    key = gateway.post(
+        "/api/v1/auth/api-keys",
+        headers=tenant.account.bearer,
+        json={"userId": tenant.account.user_id, "name": "org-sdk", "orgId": org_id},
+    )
+    assert key.status_code == 201, key.text
+    assert key.json()["orgId"] == org_id
+    pool = gateway.put(
+        "/api/v1/tokens/quota/org",
+        headers=admin.bearer,
+        json={"orgId": org_id, "provider": "openai", "totalTokens": 5_000},
+    )
+    assert pool.status_code == 200, pool.text
+
+    client = sdk(system.url("gateway") + "/v1", key.json()["rawKey"])
+    completion = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=20)
+    assert completion.usage is not None
+    org_pool = gateway.get(
+        "/api/v1/tokens/quota/org",
+        params={"orgId": org_id, "provider": "openai"},
+        # (the JWT predates the org; an API key sees membership at once)
+        headers={"X-Api-Key": key.json()["rawKey"]},
+    )
+    assert org_pool.status_code == 200, org_pool.text
+    assert org_pool.json()["remainingTokens"] == 5_000 - completion.usage.total_tokens
+    assert tenant.remaining("openai") == 100_000  # the user's own pool is not touched
+
+    stranger = register(gateway, "stranger")
+    refused = gateway.post(
+        "/api/v1/auth/api-keys",
+        headers=stranger.bearer,
+        json={"userId": stranger.user_id, "name": "not-mine", "orgId": org_id},
+    )
+    assert refused.status_code == 404, refused.text
+
+
+def test_nothing_reaches_a_provider_unmetered_through_the_gateway(
+    gateway: httpx.Client, tenant: Tenant, admin: Account
+) -> None:
+    user = {"X-Api-Key": tenant.key["rawKey"]}
+    chat = gateway.post("/api/v1/openai/chat", headers=user, json={"prompt": "free tokens?"})
+    assert chat.status_code == 403, chat.text
+    assert chat.json()["code"] == "FORBIDDEN"
+    faults = gateway.put("/api/v1/openai/faults", headers=user, json={"failureRate": 1.0})
+    assert faults.status_code == 403
+    assert gateway.get("/api/v1/openai/health").status_code == 200  # health stays public
+    as_admin = gateway.post(
+        "/api/v1/openai/chat", headers=admin.bearer, json={"prompt": "an operator's check"}
+    )
+    assert as_admin.status_code == 200, as_admin.text
+
+
+def _set_faults(gateway: httpx.Client, admin: Account, provider: str, **faults: Any) -> None:
+    response = gateway.put(f"/api/v1/{provider}/faults", headers=admin.bearer, json=faults)
+    assert response.status_code == 200, response.text
+
+
+def test_provider_failures_refund_everything_and_map_to_the_sdks_classes(
+    system: Stack, gateway: httpx.Client, admin: Account, tenant: Tenant
+) -> None:
+    client = tenant.client(system, max_retries=0)
+    try:
+        # A throttle with a short hint is tried again by the adapter (the provider did no work).
+        _set_faults(gateway, admin, "qwen", rateLimited=True, remainingCalls=1)
+        # (DashScope's 429 has no retry hint: a provider 429 reaches the client, retryable.)
+        with pytest.raises(openai.RateLimitError) as throttled:
+            client.chat.completions.create(model="qwen-turbo", messages=HELLO, max_tokens=10)
+        assert throttled.value.code == "rate_limit_exceeded"
+        assert throttled.value.response.headers["retry-after"]
+        assert throttled.value.response.headers.get("x-should-retry") != "false"
+
+        _set_faults(gateway, admin, "openai", rateLimited=True, retryAfterMs=50, remainingCalls=1)
+        retried = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=10)
+        assert retried.usage is not None
+
+        _set_faults(gateway, admin, "gemini", failureRate=1.0, remainingCalls=1)
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(model="gemini-2.0-flash", messages=HELLO, max_tokens=10)
+        assert failed.value.status_code == 502
+
+        _set_faults(gateway, admin, "gemini", down=True, remainingCalls=2)
+        with pytest.raises(openai.InternalServerError) as down:
+            client.chat.completions.create(model="gemini-2.0-flash", messages=HELLO, max_tokens=10)
+        assert down.value.status_code == 503
+    finally:
+        for provider in MODELS:
+            gateway.delete(f"/api/v1/{provider}/faults", headers=admin.bearer)
+    assert tenant.remaining("qwen") == 100_000
+    assert tenant.remaining("gemini") == 100_000
+    assert tenant.remaining("openai") == 100_000 - retried.usage.total_tokens
+    status = gateway.get("/api/v1/tokens/status").json()
+    breakers = status["inferenceProviders"]
+    assert set(breakers) == set(MODELS)
+    assert breakers["gemini"]["failedCallsInWindow"] >= 2  # the 500 and the 503 counted
+
+
+def test_a_provider_cutting_its_stream_ends_the_clients_with_an_error_charging_what_streamed(
+    system: Stack, gateway: httpx.Client, admin: Account, tenant: Tenant
+) -> None:
+    client = tenant.client(system, max_retries=0)
+    natural = client.chat.completions.create(model="qwen-plus", messages=HELLO, max_tokens=200)
+    assert natural.usage is not None
+    before = tenant.remaining("qwen")
+    seen = ""
+    try:
+        _set_faults(gateway, admin, "qwen", cutStreamAfter=3, remainingCalls=1)
+        stream = client.chat.completions.create(
+            model="qwen-plus", messages=HELLO, max_tokens=200, stream=True
+        )
+
+        def read_all() -> None:
+            nonlocal seen
+            for chunk in stream:
+                if chunk.choices:
+                    seen += chunk.choices[0].delta.content or ""
+
+        with pytest.raises(openai.APIError) as cut:
+            read_all()
+    finally:
+        gateway.delete("/api/v1/qwen/faults", headers=admin.bearer)
+    assert cut.value.code == "provider_stream_cut"
+    assert seen  # the chunks before the cut reached the client
+    charged = before - tenant.remaining("qwen")
+    assert natural.usage.prompt_tokens < charged < natural.usage.total_tokens

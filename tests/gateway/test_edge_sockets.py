@@ -354,3 +354,54 @@ async def test_the_slot_and_connection_survive_a_refused_request() -> None:
             await client.send(request("GET", "/api/v1/openai/health"))
             assert (await client.answer()).status == 200
         await eventually(lambda: len(gw.upstream.seen) == 1)
+
+
+async def test_an_answer_with_a_length_streams_rather_than_being_buffered_whole() -> None:
+    """Answers up to 256 KiB with a Content-Length used to be buffered whole before the first
+    byte went to the client."""
+    release = asyncio.Event()
+    size = 200 * 1024
+
+    async def half_then_wait(connection: RawConnection) -> None:
+        await connection.read_head()
+        await connection.write(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+        await connection.write(b"a" * 1000)
+        await release.wait()
+        await connection.write(b"b" * (size - 1000))
+
+    async with (
+        raw_upstream(half_then_wait) as upstream,
+        gateway_on_a_port(upstream_url=upstream.url) as (_gw, url),
+        raw_client(url) as client,
+    ):
+        await client.send(request("GET", "/api/v1/openai/health"))
+        head = await client.answer(head=True)  # the headers (its body is read below)
+        first = await asyncio.wait_for(client.reader.readexactly(1000), 15)
+        release.set()
+        rest = await asyncio.wait_for(client.reader.readexactly(size - 1000), 15)
+
+    assert head.status == 200
+    assert head.header("content-length") == str(size)
+    assert first == b"a" * 1000
+    assert rest == b"b" * (size - 1000)
+
+
+async def test_a_users_limit_spans_their_tokens_and_keys_together() -> None:
+    """Issue 10: more credentials give a user no more calls (a token and two keys here)."""
+    import uuid
+
+    user = uuid.uuid4()
+    async with gateway_on_a_port(rate_limit_requests=100, user_limit_requests=6) as (gw, url):
+        credentials = [
+            f"Authorization: Bearer {gw.auth.add_token(user_id=user)}",
+            f"X-Api-Key: {gw.auth.add_key(user_id=user)}",
+            # a key as the OpenAI SDKs send it
+            f"Authorization: Bearer {gw.auth.add_key(user_id=user)}",
+        ]
+        statuses = []
+        async with raw_client(url) as client:
+            for i in range(9):
+                await client.send(request("GET", "/api/v1/tokens/quota", credentials[i % 3]))
+                statuses.append((await client.answer()).status)
+
+    assert statuses == [200] * 6 + [429] * 3

@@ -16,7 +16,7 @@ import pytest
 
 from tests.gateway.gateway_harness import ERROR_KEYS, Gateway, running_gateway
 from tests.polling import eventually
-from tests.redis_proxy import RedisProxy, redis_proxy
+from tests.redis_proxy import RedisProxy, assert_no_stall, redis_proxy
 
 TIMEOUT = 0.5  # the configured connect and command timeouts
 REDIS = {
@@ -24,9 +24,6 @@ REDIS = {
     "command_timeout_seconds": TIMEOUT,
     "fail_fast_seconds": 0.5,
 }
-# Load runs with 8 concurrent callers; one request's worst case is a timeout or two (connect,
-# command) plus the gateway's own work on a loaded 2-core machine.
-WORST_ANSWER_SECONDS = 6 * TIMEOUT + 2.0
 
 
 @pytest.fixture
@@ -102,9 +99,9 @@ async def test_an_outage_mid_load_costs_each_request_one_timeout_and_heals_itsel
 
         await eventually(decided_in_redis, within=20, what="limits decided in Redis again")
 
-    for seconds, response in load.since(during):
+    for _, response in load.since(during):
         assert response.status_code == 200, response.text  # per-process limits meanwhile
-        assert seconds < WORST_ANSWER_SECONDS, seconds
+    assert_no_stall([seconds for seconds, _ in load.answers[during:back]], TIMEOUT)
     assert fallbacks(gw) > 0
     assert all(r.status_code == 200 for _, r in load.since(back))
 
@@ -129,7 +126,7 @@ async def test_concurrent_requests_in_a_black_hole_do_not_queue_behind_each_othe
 
     assert [a.status_code for a in answers] == [200] * 8
     # One after the other they would take 8 timeouts or more.
-    assert elapsed < WORST_ANSWER_SECONDS
+    assert elapsed < 8 * TIMEOUT
 
 
 async def test_failing_closed_is_503_in_our_shape_never_500_and_heals(proxy: RedisProxy) -> None:

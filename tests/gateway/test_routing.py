@@ -91,6 +91,8 @@ def test_public_routes(table: RouteTable, method: str, path: str) -> None:
         ("GET", "/api/v1/tokens/status/"),
         ("GET", "/api/v1/analytics/usage"),
         ("POST", "/api/v1/openai/chat"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
     ],
 )
 def test_every_other_route_needs_credentials(table: RouteTable, method: str, path: str) -> None:
@@ -105,9 +107,22 @@ def test_the_provider_fault_switch_is_for_admins(table: RouteTable) -> None:
         route = table.match(method, "/api/v1/qwen/faults")
         assert route is not None
         assert route.admin_only
+        assert route.fault_switch
+
+
+def test_the_raw_provider_routes_are_for_admins_and_v1_for_everyone(table: RouteTable) -> None:
+    # Nothing reaches a provider unmetered: a user's chat goes through /v1 (metered).
     chat = table.match("POST", "/api/v1/qwen/chat")
     assert chat is not None
-    assert not chat.admin_only
+    assert chat.admin_only
+    assert not chat.fault_switch
+    health = table.match("GET", "/api/v1/qwen/health")
+    assert health is not None
+    assert health.public
+    v1 = table.match("POST", "/v1/chat/completions")
+    assert v1 is not None
+    assert (v1.upstream, v1.admin_only, v1.public) == ("inference", False, False)
+    assert table.match("GET", "/v1/models/openai/gpt-4o-mini") is not None
 
 
 def test_the_most_specific_route_limit_wins() -> None:

@@ -270,3 +270,27 @@ async def test_aiohttp_alone_still_reads_idle_bytes_as_the_next_answer() -> None
             second = await response.read()
 
     assert second == b"forged"
+
+
+async def test_a_body_that_goes_silent_is_cut_after_the_silence_bound() -> None:
+    """`headers_seconds` is also the longest silence mid-body (well within the whole answer's
+    deadline here)."""
+    stop = asyncio.Event()
+
+    async def goes_silent(connection: RawConnection) -> None:
+        await connection.read_head()
+        await connection.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await stop.wait()
+
+    async with (
+        raw_upstream(goes_silent) as upstream,
+        upstream_client(upstream.url, headers_seconds=0.5, answer_seconds=60) as client,
+    ):
+        got = await client.request("GET", "/x", CIMultiDict(), None)
+        assert await got.next_chunk() == b"0123456789"
+        with pytest.raises(OutboundError) as caught:
+            await got.next_chunk()
+        stop.set()
+
+    assert caught.value.kind == "timeout"
+    assert client.free_slots == 4

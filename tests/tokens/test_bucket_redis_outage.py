@@ -32,11 +32,10 @@ from leaky_tokens.tokens.provider_client import ProviderClient
 from leaky_tokens.tokens.service import USER_POOL, ConsumeRequest, TokenService
 from tests.httpx_outbound import HttpxOutbound
 from tests.polling import eventually
-from tests.redis_proxy import RedisProxy, redis_proxy
+from tests.redis_proxy import RedisProxy, assert_no_stall, redis_proxy
 from tests.tokens.conftest import STUB_TOKEN, HostRouter, admin, make_settings, user
 
 TIMEOUT = 0.5
-WORST_ANSWER_SECONDS = 6 * TIMEOUT + 2.0
 
 
 @dataclass
@@ -179,8 +178,8 @@ async def test_consumes_during_a_redis_outage_are_bounded_charged_once_and_heal(
         ).remaining_tokens
 
     outage_outcomes = load.outcomes[during:]
+    assert_no_stall([o.seconds for o in outage_outcomes], TIMEOUT)
     for outcome in outage_outcomes:
-        assert outcome.seconds < WORST_ANSWER_SECONDS, outcome
         if outcome.error is not None:
             # failing closed: 503 in our shape, marked as an outage; never anything else
             assert on_failure == "closed", outcome.error

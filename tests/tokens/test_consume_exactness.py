@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -92,6 +93,7 @@ async def test_provider_failures_under_concurrency_refund_exactly_what_they_rese
 ) -> None:
     user_id = await rig.new_user_pool(100_000)
     await rig.set_faults("openai", failureRate=0.5)
+    started = time.monotonic()
 
     counts = await outcomes(rig, user_id, 120)
 
@@ -102,8 +104,10 @@ async def test_provider_failures_under_concurrency_refund_exactly_what_they_rese
     bucket = await rig.buckets.peek(
         f"{user_id}:openai", rig.service.bucket_config(user(user_id), user_id)
     )
-    # the bucket holds only what succeeded (it leaks 1 token/s, so allow for a little leak)
-    assert 10 * succeeded - 5 <= bucket.used <= 10 * succeeded
+    # the bucket holds only what succeeded, less what leaked meanwhile (1 token/s; a loaded
+    # machine takes longer, so the allowance is the time this test took)
+    leaked = math.ceil(time.monotonic() - started) + 1
+    assert 10 * succeeded - leaked <= bucket.used <= 10 * succeeded
     assert await reservations_left(rig) == 0
 
 

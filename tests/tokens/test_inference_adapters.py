@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from leaky_tokens.settings import InferenceSettings
+from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.tokens.inference import gemini
 from leaky_tokens.tokens.inference.adapters import (
     Endpoint,
@@ -69,9 +70,9 @@ def call(provider: str, upstream: str, *, stream: bool = False) -> ChatCall:
 
 
 def adapter_for(
-    provider: str, url: str, **settings: Any
+    provider: str, url: str, breaker: BreakerConfig | None = None, **settings: Any
 ) -> tuple[OpenAiCompatibleAdapter | GeminiAdapter, ProviderHttp]:
-    http = ProviderHttp(InferenceSettings(**settings))
+    http = ProviderHttp(InferenceSettings(**settings), breaker)
     endpoint = Endpoint(provider, url, "secret-key")
     if provider == "gemini":
         return GeminiAdapter(endpoint, http), http
@@ -302,7 +303,36 @@ async def test_a_refused_connection_is_tried_again_then_fails() -> None:
     assert "127.0.0.1" not in unreachable.value.message
 
 
+async def test_a_provider_that_keeps_failing_opens_its_breaker_and_is_left_alone() -> None:
+    breaker = BreakerConfig(window_size=3, minimum_calls=3, open_seconds=30)
+    async with replaying((500, raw_bytes("openai/error_server.json"), {})) as (url, replay):
+        adapter, http = adapter_for("openai", url, breaker, attempts=1)
+        for _ in range(3):
+            with pytest.raises(ProviderError):
+                await adapter.complete(call("openai", "gpt-4o-mini"))
+        with pytest.raises(ProviderError) as refused:
+            await adapter.complete(call("openai", "gpt-4o-mini"))
+        await http.aclose()
+    assert refused.value.kind == "unavailable"
+    assert refused.value.retry_after_seconds is not None
+    assert len(replay.seen) == 3  # the fourth never reached the provider
+    assert http.breaker_snapshots()["openai"]["state"] == "open"
+
+
 def _payloads(name: str) -> list[Any]:
     from tests.providers.fixtures import load_sse
 
     return load_sse(name)
+
+
+def test_gemini_refuses_what_its_translation_would_drop() -> None:
+    chat = ChatCall(
+        route("gemini", "gemini-2.5-flash"),
+        [{"role": "user", "content": "weather?"}],
+        64,
+        False,
+        {"tools": [{"type": "function", "function": {"name": "weather"}}]},
+    )
+    with pytest.raises(ProviderError) as refused:
+        gemini.to_request(chat)
+    assert (refused.value.kind, refused.value.param) == ("rejected", "tools")

@@ -48,6 +48,34 @@ class AnalyticsMetrics(IngestObserver):
             ["stream"],
             registry=registry,
         )
+        self.dead_letters = Counter(
+            "analytics_events_dead_lettered",
+            "Events kept in event_dead_letter instead of being counted, by reason: invalid "
+            "(unreadable payload), failed (refused by the database), late (before the "
+            "rolled-up horizon)",
+            ["stream", "reason"],
+            registry=registry,
+        )
+        self.rolled_up = Counter(
+            "analytics_rollup_events",
+            "Raw usage events summed into per-minute rollups and deleted (retention)",
+            registry=registry,
+        )
+        self.rollup_batches = Counter(
+            "analytics_rollup_batches",
+            "Roll-up transactions (each bounded by analytics.retention_batch raw events)",
+            registry=registry,
+        )
+        self.purchases_purged = Counter(
+            "analytics_purchase_events_purged",
+            "Purchase events deleted past analytics.purchase_retention_seconds",
+            registry=registry,
+        )
+        self.horizon = Gauge(
+            "analytics_rollup_horizon_timestamp_seconds",
+            "Raw usage events before this instant live in rollups only (0: none rolled up)",
+            registry=registry,
+        )
         self.lag = Gauge(
             "analytics_consumer_lag_events",
             "Events the transport holds that analytics has not stored yet (Redis Streams: "
@@ -72,6 +100,9 @@ class AnalyticsMetrics(IngestObserver):
 
     def delay(self, seconds: float) -> None:
         self._delay.observe(seconds)
+
+    def dead_lettered(self, stream: str, reason: str, count: int) -> None:
+        self.dead_letters.labels(stream, reason).inc(count)
 
 
 class RunningConsumers:
@@ -122,7 +153,9 @@ class RunningConsumers:
         for consumer in reversed(self.consumers):
             await consumer.stop()
         if self._redis is not None:
-            await self._redis.aclose()
+            # The client was built on a pool of its own (shared/redis.py): close it too, or its
+            # sockets outlive the service (a ResourceWarning at the next garbage collection).
+            await self._redis.aclose(close_connection_pool=True)
 
 
 async def start_consumers(
@@ -152,7 +185,7 @@ async def start_consumers(
         try:
             await stream_consumer.start(service.store_events)
         except BaseException:
-            await redis.aclose()
+            await redis.aclose(close_connection_pool=True)
             raise
         consumers.append(stream_consumer)
     return RunningConsumers(receiver, consumers, redis, metrics)

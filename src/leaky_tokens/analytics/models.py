@@ -6,7 +6,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Index, Integer, String, UniqueConstraint, Uuid
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from leaky_tokens.shared.database import UtcDateTime
@@ -30,6 +40,7 @@ class UsageEvent(AnalyticsBase):
         Index("ix_usage_event_user_provider_time", "user_id", "provider", "occurred_at"),
         Index("ix_usage_event_org_provider_time", "org_id", "provider", "occurred_at"),
         Index("ix_usage_event_model_time", "model", "occurred_at"),
+        Index("ix_usage_event_time", "occurred_at"),  # the retention sweep's walk
     )
 
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
@@ -61,6 +72,7 @@ class PurchaseEvent(AnalyticsBase):
         UniqueConstraint("event_id", name="uq_purchase_event_event_id"),
         Index("ix_purchase_event_saga_time", "saga_id", "occurred_at"),
         Index("ix_purchase_event_user_time", "user_id", "occurred_at"),
+        Index("ix_purchase_event_time", "occurred_at"),
     )
 
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
@@ -73,3 +85,63 @@ class PurchaseEvent(AnalyticsBase):
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class UsageRollup(AnalyticsBase):
+    """The usage events of one minute and one (user, org, provider, model, decision), summed:
+    what is kept of raw events past the raw retention. A minute is rolled up once, in the
+    transaction that deletes its raw events, so every event counts once, raw or rolled up."""
+
+    __tablename__ = "usage_rollup"
+    __table_args__ = (
+        Index("ix_usage_rollup_minute", "minute"),
+        Index("ix_usage_rollup_provider_minute", "provider", "minute"),
+        Index("ix_usage_rollup_user_provider_minute", "user_id", "provider", "minute"),
+        Index("ix_usage_rollup_org_provider_minute", "org_id", "provider", "minute"),
+        Index("ix_usage_rollup_model_minute", "model", "minute"),
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    minute: Mapped[datetime] = mapped_column(UtcDateTime)  # the minute's start
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    decision: Mapped[str] = mapped_column(String(32))
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    events: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+class RetentionState(AnalyticsBase):
+    """How far raw usage events have been rolled up: every event before `rolled_until` lives
+    in usage_rollup only (NULL: nothing rolled up yet)."""
+
+    __tablename__ = "usage_rollup_state"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    rolled_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class DeadLetter(AnalyticsBase):
+    """An event analytics could not count, kept with the reason instead of blocking its stream:
+    `invalid` (payload unreadable), `failed` (the database refused it, alone, twice), `late`
+    (older than the rolled-up horizon: counting it now could count it twice)."""
+
+    __tablename__ = "event_dead_letter"
+    __table_args__ = (
+        UniqueConstraint("event_id", name="uq_event_dead_letter_event_id"),
+        Index("ix_event_dead_letter_time", "dead_at"),
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    stream: Mapped[str] = mapped_column(String(32))
+    event_type: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(Text)  # the event as it came, JSON (ASCII-escaped)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    dead_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from leaky_tokens.analytics.schemas import (
     AnomalyRead,
     ConsumerLagRead,
+    DeadLettersRead,
     PurchaseEventsRead,
     ReportRead,
     TimeseriesRead,
@@ -77,16 +78,30 @@ async def usage(
     provider: ProviderQuery,
     limit: Annotated[int, Query(ge=1, le=MAX_ITEMS)] = 20,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    cursor: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            description="A previous answer's `nextCursor`: the page after it, by keyset (as fast "
+            "a million events deep as on the first page; `page` is then ignored)",
+        ),
+    ] = None,
     user_id: UserFilter = None,
     org_id: OrgFilter = None,
     model: ModelFilter = None,
 ) -> UsageRead:
-    """Usage events, newest first: `limit` per page (default 20, at most 200)."""
+    """Usage events, newest first: `limit` per page (default 20, at most 200).
+
+    Pages: follow `nextCursor` (present while more events follow) with `cursor=`; `page=N`
+    still pages by offset, which grows slower the deeper it goes. `pagination.total` counts at
+    most 10 000 events; past that it is 10 000 and `totalExact` is false."""
     return await _service(request).usage(
         principal,
         provider,
         limit=limit,
         page=page,
+        cursor=cursor,
         user_id=user_id,
         org_id=org_id,
         model=model,
@@ -211,6 +226,19 @@ async def consumer_lag(request: Request, principal: CurrentPrincipal) -> Consume
     """ADMIN: events the transports hold that analytics has not stored yet (consumer lag);
     the same figure as `analytics_consumer_lag_events` at `/metrics`."""
     return await _service(request).consumer_lag(principal, request.app.state.consumers)
+
+
+@router.get("/admin/dead-letters", tags=["admin"])
+async def dead_letters(
+    request: Request, principal: CurrentPrincipal, paging: PageParams
+) -> DeadLettersRead:
+    """ADMIN: events kept instead of counted, newest first, with the reason — `invalid`
+    (unreadable payload), `failed` (the database refused it alone, twice; found by splitting its
+    batch), `late` (from before the rolled-up horizon); counted by
+    `analytics_events_dead_lettered_total{stream, reason}` at `/metrics`."""
+    return await _service(request).dead_letters(
+        principal, page=paging.page, page_size=paging.page_size
+    )
 
 
 @router.get("/purchases", tags=["analytics"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import SerializerFunctionWrapHandler, model_serializer
 from pydantic.alias_generators import to_camel
@@ -21,8 +21,10 @@ class SparseModel(ApiModel):
 
     omit_when_none: ClassVar[frozenset[str]] = frozenset()
 
+    # No return annotation on purpose: with one, pydantic documents the body as that type (an
+    # empty schema for Any) instead of the model's fields.
     @model_serializer(mode="wrap")
-    def _omit_empty_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+    def _omit_empty_additions(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
         data = handler(self)
         if isinstance(data, dict):
             for name in self.omit_when_none:
@@ -200,4 +202,20 @@ class PurchaseEventRead(ApiModel):
 
 class PurchaseEventsRead(ApiModel):
     items: list[PurchaseEventRead]
+    pagination: Pagination
+
+
+class DeadLetterRead(ApiModel):
+    event_id: uuid.UUID
+    stream: str
+    type: str
+    reason: str  # invalid | failed | late
+    error: str
+    event: str  # the event as it came (JSON), to inspect or replay by hand
+    occurred_at: datetime
+    dead_at: datetime
+
+
+class DeadLettersRead(ApiModel):
+    items: list[DeadLetterRead]
     pagination: Pagination

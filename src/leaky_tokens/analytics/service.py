@@ -13,11 +13,14 @@ user (`userId`) and/or one organisation pool (`orgId`).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import math
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol
 
@@ -35,6 +38,8 @@ from leaky_tokens.analytics.repository import (
 from leaky_tokens.analytics.schemas import (
     AnomalyRead,
     ConsumerLagRead,
+    DeadLetterRead,
+    DeadLettersRead,
     ModelReport,
     PurchaseEventRead,
     PurchaseEventsRead,
@@ -52,7 +57,7 @@ from leaky_tokens.analytics.schemas import (
 from leaky_tokens.settings import PROVIDERS
 from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.database import Database
-from leaky_tokens.shared.errors import Forbidden
+from leaky_tokens.shared.errors import Forbidden, InvalidRequest
 from leaky_tokens.shared.events import Event
 from leaky_tokens.shared.pagination import Pagination
 from leaky_tokens.shared.principal import Principal
@@ -69,6 +74,44 @@ TOP_USERS = 5
 # The time series: at most this wide (7 days) and this many buckets per answer.
 MAX_SERIES_MINUTES = 7 * 24 * 60
 MAX_BUCKETS = 1000
+
+
+# /usage counts its `total` up to this many events (then `totalExact: false`): a COUNT(*) over
+# millions of rows would cost a scan of them all on every page.
+COUNT_BOUND = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCursor:
+    """Where the next /usage page starts: after the event (occurred_at, id), numbered `page`."""
+
+    occurred_at: datetime
+    row_id: int
+    page: int
+
+
+def encode_cursor(cursor: UsageCursor) -> str:
+    """Opaque to clients (base64url of a small JSON)."""
+    raw = json.dumps(
+        {"t": cursor.occurred_at.isoformat(), "i": cursor.row_id, "p": cursor.page},
+        separators=(",", ":"),
+    ).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> UsageCursor:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        at = datetime.fromisoformat(raw["t"])
+        row_id, page = raw["i"], raw["p"]
+        if at.tzinfo is None or not isinstance(row_id, int) or not isinstance(page, int):
+            raise ValueError("malformed")
+        if not (0 <= row_id < 2**63 and 1 <= page <= 10**9):
+            raise ValueError("out of range")
+        return UsageCursor(at.astimezone(UTC), row_id, page)
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError, binascii.Error):
+        message = "not a cursor this service gave (pass a previous answer's nextCursor)"
+        raise InvalidRequest(message, details=[{"field": "cursor", "message": message}]) from None
 
 
 def default_bucket_seconds(window_minutes: int) -> int:
@@ -142,8 +185,54 @@ class StoredCounts:
     received: int
     stored: int
     duplicates: int
-    rejected: int
+    rejected: int  # unreadable payloads (dead-lettered as `invalid`)
     ignored: int
+    dead_lettered: int = 0  # newly dead-lettered (every reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One event of a batch, ready for its table (or with the reason it has none)."""
+
+    event: Event
+    usage: dict[str, Any] | None = None
+    purchase: dict[str, Any] | None = None
+    invalid: str | None = None
+
+
+@dataclass(slots=True)
+class _Tally:
+    usage: int = 0  # usage events stored (first delivery)
+    purchases: int = 0
+    invalid: int = 0
+    uncounted: int = 0  # readable events dead-lettered (late, failed), stored nowhere else
+    dead: dict[tuple[str, str], int] = field(default_factory=dict)  # newly dead, per reason
+
+    def __add__(self, other: _Tally) -> _Tally:
+        dead = dict(self.dead)
+        for key, count in other.dead.items():
+            dead[key] = dead.get(key, 0) + count
+        return _Tally(
+            self.usage + other.usage,
+            self.purchases + other.purchases,
+            self.invalid + other.invalid,
+            self.uncounted + other.uncounted,
+            dead,
+        )
+
+
+def _dead_letter(event: Event, reason: str, error: str, now: datetime) -> dict[str, Any]:
+    """A dead-letter row: text made safe for every database (no NUL; the event as ASCII JSON)."""
+    return {
+        "event_id": event.event_id,
+        "stream": event.stream,
+        "event_type": event.type.replace("\x00", "")[:64],
+        "reason": reason,
+        "error": error.replace("\x00", "\\0")[:2000],
+        "event": json.dumps(event.to_wire(), ensure_ascii=True, default=str),
+        "occurred_at": event.occurred_at,
+        "dead_at": now,
+    }
 
 
 class IngestObserver:
@@ -153,6 +242,9 @@ class IngestObserver:
         return None
 
     def delay(self, seconds: float) -> None:
+        return None
+
+    def dead_lettered(self, stream: str, reason: str, count: int) -> None:
         return None
 
 
@@ -182,12 +274,13 @@ def scope_for(
     return UsageFilter(provider, principal.user_id, org_id, model)
 
 
-def _usage_row(event: Event, now: datetime) -> dict[str, Any] | None:
+def _usage_row(event: Event, now: datetime) -> tuple[dict[str, Any] | None, str | None]:
+    """The usage_event row of an event, or why it cannot have one."""
     try:
         usage = UsagePayload.model_validate(event.payload)
     except ValidationError as exc:
-        log.error("dropping unreadable usage event %s: %s", event.event_id, str(exc)[:300])
-        return None
+        log.error("dead-lettering unreadable usage event %s: %s", event.event_id, str(exc)[:300])
+        return None, str(exc)
     details = {k: v for k, v in event.payload.items() if k not in _USAGE_COLUMNS}
     return {
         "event_id": event.event_id,
@@ -206,7 +299,7 @@ def _usage_row(event: Event, now: datetime) -> dict[str, Any] | None:
         "latency_ms": usage.latency_ms,
         "details": details,
         "received_at": now,
-    }
+    }, None
 
 
 def _purchase_row(event: Event, now: datetime) -> dict[str, Any]:
@@ -327,42 +420,107 @@ class AnalyticsService:
     # ingestion
 
     async def store_events(self, batch: Sequence[Event]) -> StoredCounts:
-        """Store a batch in one transaction: usage and purchase events in their own tables, each
-        event id once (a redelivery is skipped); other streams are ignored."""
+        """Store a batch: usage and purchase events in their own tables, each event id once (a
+        redelivery is skipped); other streams are ignored. What cannot be counted goes to the
+        dead-letter table with its reason, and the batch is answered as handled, so the stream
+        moves on: an unreadable payload (`invalid`), an event older than the rolled-up horizon
+        (`late`), an event the database refuses (`failed`, found by splitting the batch)."""
         now = self.clock.now()
         seen: set[uuid.UUID] = set()
-        usage: list[dict[str, Any]] = []
-        purchases: list[dict[str, Any]] = []
-        rejected = ignored = 0
+        items: list[_Item] = []
+        ignored = 0
         for event in batch:
             if event.event_id in seen:
                 continue
             seen.add(event.event_id)
             if event.stream == USAGE:
-                row = _usage_row(event, now)
-                if row is None:
-                    rejected += 1
-                else:
-                    usage.append(row)
+                row, error = _usage_row(event, now)
+                items.append(_Item(event, usage=row, invalid=error))
+                if row is not None:
                     self.observer.delay(max(0.0, (now - event.occurred_at).total_seconds()))
             elif event.stream == PURCHASE:
-                purchases.append(_purchase_row(event, now))
+                items.append(_Item(event, purchase=_purchase_row(event, now)))
             else:
                 ignored += 1
-        async with self.db.transaction() as session:
-            repo = AnalyticsRepository(session)
-            stored_usage = await repo.insert_usage(usage)
-            stored_purchases = await repo.insert_purchases(purchases)
-        self.observer.batch(USAGE, len(usage) + rejected, stored_usage, rejected)
-        self.observer.batch(PURCHASE, len(purchases), stored_purchases, 0)
-        stored = stored_usage + stored_purchases
+        tally = await self._store_isolating(items, now)
+        usage_received = sum(1 for i in items if i.event.stream == USAGE)
+        self.observer.batch(USAGE, usage_received, tally.usage, tally.invalid)
+        self.observer.batch(PURCHASE, len(items) - usage_received, tally.purchases, 0)
+        for (stream, reason), count in tally.dead.items():
+            self.observer.dead_lettered(stream, reason, count)
+        stored = tally.usage + tally.purchases
+        not_counted = sum(1 for i in items if i.invalid is None) - stored - tally.uncounted
         return StoredCounts(
             received=len(batch),
             stored=stored,
-            duplicates=len(batch) - stored - rejected - ignored,
-            rejected=rejected,
+            duplicates=len(batch) - len(items) - ignored + not_counted,
+            rejected=tally.invalid,
             ignored=ignored,
+            dead_lettered=sum(tally.dead.values()),
         )
+
+    async def _store_isolating(self, items: list[_Item], now: datetime) -> _Tally:
+        """Store the items in one transaction; when that fails, store each half on its own, down
+        to single events. A single event the database refuses twice while it accepts its
+        dead letter is poison: dead-lettered, and the rest of the batch is stored. When the
+        database refuses everything (it is down), the error propagates and the transport
+        delivers the batch again later (the stored part is then skipped as duplicates)."""
+        try:
+            return await self._store(items, now)
+        except Exception as exc:
+            if len(items) > 1:
+                log.warning(
+                    "a batch of %d events failed (%s: %s); storing it in halves",
+                    len(items),
+                    type(exc).__name__,
+                    str(exc)[:200],
+                )
+                middle = len(items) // 2
+                first = await self._store_isolating(items[:middle], now)
+                return first + await self._store_isolating(items[middle:], now)
+        try:
+            return await self._store(items, now)  # a lone event gets a second chance
+        except Exception as exc:
+            return await self._dead_letter_failed(items[0].event, exc, now)
+
+    async def _store(self, items: list[_Item], now: datetime) -> _Tally:
+        tally = _Tally()
+        async with self.db.transaction() as session:
+            repo = AnalyticsRepository(session)
+            horizon = await repo.rollup_horizon(lock="share")
+            usage: list[dict[str, Any]] = []
+            invalid: list[dict[str, Any]] = []
+            late: list[dict[str, Any]] = []
+            for item in items:
+                if item.invalid is not None:
+                    invalid.append(_dead_letter(item.event, "invalid", item.invalid, now))
+                elif item.usage is not None:
+                    if horizon is not None and item.event.occurred_at < horizon:
+                        message = f"occurred before the rolled-up horizon {horizon.isoformat()}"
+                        late.append(_dead_letter(item.event, "late", message, now))
+                    else:
+                        usage.append(item.usage)
+            purchases = [i.purchase for i in items if i.purchase is not None]
+            tally.usage = await repo.insert_usage(usage)
+            tally.purchases = await repo.insert_purchases(purchases)
+            tally.invalid = len(invalid)
+            tally.uncounted = len(late)
+            for reason, rows in (("invalid", invalid), ("late", late)):
+                if rows and (count := await repo.insert_dead_letters(rows)):
+                    tally.dead[(USAGE, reason)] = count
+        return tally
+
+    async def _dead_letter_failed(self, event: Event, exc: Exception, now: datetime) -> _Tally:
+        error = f"{type(exc).__name__}: {exc}"
+        async with self.db.transaction() as session:  # raises when the database is down
+            stored = await AnalyticsRepository(session).insert_dead_letters(
+                [_dead_letter(event, "failed", error, now)]
+            )
+        log.error("dead-lettered event %s of stream %s: %s", event.event_id, event.stream, error)
+        tally = _Tally(uncounted=1)
+        if stored:
+            tally.dead[(event.stream, "failed")] = stored
+        return tally
 
     # queries
 
@@ -373,17 +531,32 @@ class AnalyticsService:
         *,
         limit: int,
         page: int = 1,
+        cursor: str | None = None,
         user_id: uuid.UUID | None = None,
         org_id: uuid.UUID | None = None,
         model: str | None = None,
     ) -> UsageRead:
-        """The newest events first; `limit` items per page."""
+        """The newest events first; `limit` items per page. A `cursor` (a previous answer's
+        `nextCursor`) continues after that answer's last item, by keyset; without one, `page`
+        pages by offset as before. `total` is counted up to COUNT_BOUND."""
         scope = scope_for(principal, provider, user_id, org_id, model)
         limit = max(1, min(limit, MAX_ITEMS))
+        position = decode_cursor(cursor) if cursor is not None else None
+        if position is not None:
+            page = position.page
         async with self.db.read() as session:
             repo = AnalyticsRepository(session)
-            rows = await repo.recent_usage(scope, limit, (page - 1) * limit)
-            total = await repo.count_usage(scope)
+            if position is not None:
+                rows = await repo.recent_usage(
+                    scope, limit + 1, after=(position.occurred_at, position.row_id)
+                )
+            else:
+                rows = await repo.recent_usage(scope, limit + 1, (page - 1) * limit)
+            total = await repo.count_usage(scope, COUNT_BOUND)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        exact = total <= COUNT_BOUND
+        total = min(total, COUNT_BOUND)
         items = [
             UsageItem(
                 key=UsageKey(provider=row.provider, timestamp=row.occurred_at),
@@ -401,6 +574,11 @@ class AnalyticsService:
             )
             for row in rows
         ]
+        next_cursor = (
+            encode_cursor(UsageCursor(rows[-1].occurred_at, rows[-1].id, page + 1))
+            if more and rows
+            else None
+        )
         return UsageRead(
             provider=scope.provider,
             count=len(items),
@@ -411,6 +589,8 @@ class AnalyticsService:
                 total=total,
                 total_pages=math.ceil(total / limit) if total else 0,
             ),
+            next_cursor=next_cursor,
+            total_exact=None if exact else False,
             model=scope.model,
         )
 
@@ -602,6 +782,38 @@ class AnalyticsService:
                     tokens=r.tokens,
                     occurred_at=r.occurred_at,
                     payload=r.payload,
+                )
+                for r in rows
+            ],
+            pagination=Pagination(
+                page=page,
+                page_size=page_size,
+                total=total,
+                total_pages=math.ceil(total / page_size) if total else 0,
+            ),
+        )
+
+    async def dead_letters(
+        self, principal: Principal, *, page: int, page_size: int
+    ) -> DeadLettersRead:
+        """ADMIN: the events analytics could not count, newest first."""
+        if not principal.is_admin:
+            raise Forbidden("only an ADMIN may read dead-lettered events")
+        async with self.db.read() as session:
+            rows, total = await AnalyticsRepository(session).dead_letters(
+                page_size, (page - 1) * page_size
+            )
+        return DeadLettersRead(
+            items=[
+                DeadLetterRead(
+                    event_id=r.event_id,
+                    stream=r.stream,
+                    type=r.event_type,
+                    reason=r.reason,
+                    error=r.error,
+                    event=r.event,
+                    occurred_at=r.occurred_at,
+                    dead_at=r.dead_at,
                 )
                 for r in rows
             ],

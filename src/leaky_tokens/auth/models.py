@@ -45,6 +45,8 @@ class ApiKey(AuthBase):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # A key made for an organisation (its owner a member): its /v1 calls charge the org's pool.
+    org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
 
 
 AutoId = BigInteger().with_variant(Integer(), "sqlite")

@@ -116,6 +116,7 @@ def _key_read(key: ApiKey, service: AuthService) -> ApiKeyRead:
         user_id=key.user_id,
         name=key.name,
         key_preview=key.key_prefix,
+        org_id=key.org_id,
         created_at=key.created_at,
         expires_at=key.expires_at,
         revoked_at=key.revoked_at,
@@ -128,7 +129,9 @@ async def create_api_key(
     body: ApiKeyCreate, request: Request, principal: CurrentPrincipal
 ) -> ApiKeyCreated:
     owner = body.user_id or principal.user_id
-    key, raw = await _service(request).create_api_key(principal, owner, body.name, body.expires_at)
+    key, raw = await _service(request).create_api_key(
+        principal, owner, body.name, body.expires_at, body.org_id
+    )
     return ApiKeyCreated(
         id=key.id,
         user_id=key.user_id,
@@ -136,6 +139,7 @@ async def create_api_key(
         raw_key=raw,
         created_at=key.created_at,
         expires_at=key.expires_at,
+        org_id=key.org_id,
     )
 
 
@@ -168,6 +172,7 @@ async def validate_api_key(
         roles=list(found.user.roles),
         api_key_id=found.key.id,
         org_ids=found.org_ids,
+        org_id=found.key.org_id,
     )
 
 

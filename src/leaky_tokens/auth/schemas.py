@@ -48,6 +48,9 @@ class ApiKeyCreate(RequestModel):
     user_id: uuid.UUID | None = Field(None, description="Owner; defaults to the caller")
     name: Name
     expires_at: UtcInput | None = None
+    org_id: uuid.UUID | None = Field(
+        None, description="An organisation the owner belongs to: the key's calls charge its pool"
+    )
 
 
 class ApiKeyCreated(ApiModel):
@@ -57,6 +60,7 @@ class ApiKeyCreated(ApiModel):
     raw_key: str = Field(description="Shown once; only a hash is stored")
     created_at: datetime
     expires_at: datetime | None
+    org_id: uuid.UUID | None = None
 
 
 class ApiKeyRead(ApiModel):
@@ -68,6 +72,7 @@ class ApiKeyRead(ApiModel):
     expires_at: datetime | None
     revoked_at: datetime | None
     status: Literal["active", "revoked", "expired"]
+    org_id: uuid.UUID | None = None
 
 
 class ApiKeyValidation(ApiModel):
@@ -78,6 +83,7 @@ class ApiKeyValidation(ApiModel):
     roles: list[str]
     api_key_id: uuid.UUID
     org_ids: list[uuid.UUID]
+    org_id: uuid.UUID | None = Field(None, description="The organisation the key charges")
 
 
 class OrgCreate(RequestModel):

@@ -242,7 +242,9 @@ class AuthService:
         user_id: uuid.UUID,
         name: str,
         expires_at: datetime | None,
+        org_id: uuid.UUID | None = None,
     ) -> tuple[ApiKey, str]:
+        """`org_id`: a key for that organisation, whose owner must be a member of it."""
         self._authorise_for(principal, user_id)
         now = self.clock.now()
         if expires_at is not None and expires_at <= now:
@@ -260,6 +262,7 @@ class AuthService:
             created_at=now,
             expires_at=expires_at,
             revoked_at=None,
+            org_id=org_id,
         )
         cap = self.settings.max_active_api_keys_per_user
         async with self.db.transaction() as session:
@@ -267,6 +270,8 @@ class AuthService:
             # Counted under the user's row lock: concurrent creations cannot pass the cap.
             if await repo.lock_user(user_id) is None:
                 raise UserNotFound()
+            if org_id is not None and await repo.membership(org_id, user_id) is None:
+                raise OrgNotFound()  # not theirs: as if it did not exist (contract 10)
             if await repo.count_active_api_keys(user_id, now) >= cap:
                 raise TooManyApiKeys(f"at most {cap} active API keys per user; revoke one first")
             await repo.add_api_key(key)
@@ -366,6 +371,9 @@ class AuthService:
             if user is None:
                 raise InvalidApiKey()
             org_ids = await repo.org_ids_of(user.id)
+        if key.org_id is not None and key.org_id not in org_ids:
+            # The owner left the organisation: the key may no longer charge it.
+            raise RevokedApiKey("API key's organisation no longer includes its owner")
         return ValidatedKey(key, user, org_ids)
 
     async def principal_from_api_key(self, raw_key: str) -> Principal:
@@ -377,6 +385,7 @@ class AuthService:
             method="api_key",
             api_key_id=found.key.id,
             username=found.user.username,
+            key_org_id=found.key.org_id,
         )
 
     # organisations

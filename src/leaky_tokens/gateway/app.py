@@ -120,7 +120,7 @@ def create_gateway_app(
             clock=clock,
             connect_seconds=gateway.connect_timeout_seconds,
             headers_seconds=gateway.inference_upstream_timeout_seconds,
-            answer_seconds=gateway.answer_timeout_seconds,
+            answer_seconds=gateway.inference_answer_timeout_seconds,
             pool_wait_seconds=gateway.pool_wait_seconds,
             client_body_seconds=gateway.client_body_timeout_seconds,
             max_connections=gateway.max_connections_per_upstream,

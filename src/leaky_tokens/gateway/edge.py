@@ -19,7 +19,6 @@ carries the rate-limit fields. Only the credential the edge checked goes upstrea
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
+from leaky_tokens.gateway.openai_face import INFERENCE_UPSTREAM, openai_request_limits
 from leaky_tokens.gateway.proxy import (
     ClientTooSlow,
     ClientWentAway,
@@ -42,6 +42,7 @@ from leaky_tokens.gateway.proxy import (
 from leaky_tokens.gateway.routing import RouteTable
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerState
+from leaky_tokens.shared.client_ip import TrustedProxies
 from leaky_tokens.shared.errors import (
     AppError,
     Forbidden,
@@ -124,7 +125,8 @@ class GatewayEdge:
         # Sent on to the provider stubs' fault switch (ADMIN-only here), which needs it.
         self._internal_token = internal_token.encode("latin-1")
         self.metrics = metrics
-        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        self._trusted = TrustedProxies(trusted_proxies)  # the one rule, shared with login
+        self._any_trusted = bool(trusted_proxies)
         self._labels: dict[str, RouteLabel] = {}
         self._unmatched = RouteLabel("unmatched")
         self._max_headers = max_headers
@@ -189,8 +191,12 @@ class GatewayEdge:
             await problem(scope, receive, send)
             return
         peer = scope["client"][0] if scope.get("client") else "unknown"
-        trusted_peer = bool(self._trusted) and self._is_trusted(peer)
-        client_ip = self._client_ip(peer, forwarded_for) if trusted_peer else peer
+        trusted_peer = self._any_trusted and self._trusted.trusts(peer)
+        client_ip = (
+            self._trusted.client_of(peer, [v.decode("latin-1") for v in forwarded_for])
+            if trusted_peer
+            else peer
+        )
 
         # The address's own limit comes before any credential is looked at: a flood of junk
         # credentials from one address costs the auth service nothing past this limit.
@@ -212,6 +218,8 @@ class GatewayEdge:
             await _render(exc, {})(scope, receive, send)
             return
         limits = limit_headers(decision)
+        if route is not None and route.upstream == INFERENCE_UPSTREAM:
+            limits.update(openai_request_limits(decision))  # OpenAI's names, on /v1
 
         if not decision.allowed:
             await self._too_many(decision, limits)(scope, receive, send)
@@ -229,7 +237,10 @@ class GatewayEdge:
                         headers={"WWW-Authenticate": 'Bearer, ApiKey header="X-Api-Key"'},
                     )
                 elif route.admin_only and not principal.is_admin:
-                    refusal = Forbidden("only an ADMIN may use the provider fault switch")
+                    refusal = Forbidden(
+                        "the raw provider routes are for ADMINs; call the metered "
+                        "/v1/chat/completions instead"
+                    )
             if refusal is not None:
                 self.metrics.refused.labels(refusal.code).inc()
                 await _render(refusal, limits)(scope, receive, send)
@@ -248,7 +259,7 @@ class GatewayEdge:
             ),
             host=host,
         )
-        if route.admin_only and self._internal_token:
+        if route.fault_switch and self._internal_token:
             headers = [h for h in headers if h[0] != b"x-internal-token"]
             headers.append((b"x-internal-token", self._internal_token))
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in limits.items()]
@@ -375,39 +386,6 @@ class GatewayEdge:
         if label is None:
             label = self._labels[path] = RouteLabel(path)
         return label
-
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            parsed = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(parsed in network for network in self._trusted)
-
-    def _client_ip(self, peer: str, forwarded_for: list[bytes]) -> str:
-        """The client a trusted proxy forwarded for: the nearest X-Forwarded-For hop that is not
-        one of our proxies (earlier hops are whatever the client chose to write)."""
-        hops = [h.strip() for v in forwarded_for for h in v.decode("latin-1").split(",")]
-        client = peer
-        for hop in reversed(hops):
-            address = _address_of(hop)
-            if address is None:
-                break
-            client = address
-            if not self._is_trusted(address):
-                break
-        return client
-
-
-def _address_of(hop: str) -> str | None:
-    """An IP from an X-Forwarded-For hop ("1.2.3.4", "1.2.3.4:5678", "[::1]:80", "::1")."""
-    if hop.startswith("["):
-        hop = hop[1:].partition("]")[0]
-    elif hop.count(":") == 1:
-        hop = hop.partition(":")[0]
-    try:
-        return str(ipaddress.ip_address(hop))
-    except ValueError:
-        return None
 
 
 def _upstream_headers(

@@ -2,13 +2,17 @@
 
 Its routes are served by the token service (which owns the ledger) through an upstream of their
 own, `inference`: the same service address with a longer deadline for the answer's headers and
-for silences mid-stream (`gateway.inference_upstream_timeout_seconds`), since a plain completion
-answers only once the provider has finished and a stream may pause while a model thinks. Its
+for silences mid-stream (`gateway.inference_upstream_timeout_seconds`, 150 s) and for the whole
+answer (`gateway.inference_answer_timeout_seconds`, 900 s), since a plain completion answers
+only once the provider has finished and a stream may pause or run long while a model thinks. Its
 own breaker means a slow provider never opens the breaker of the plan's token API. Errors on
 these paths, the gateway's own included (401, 429, 503), are OpenAI-shaped (shared/http.py).
 """
 
 from __future__ import annotations
+
+from leaky_tokens.shared.http import go_duration
+from leaky_tokens.shared.rate_limit import Decision
 
 INFERENCE_UPSTREAM = "inference"
 # (path, upstream): exact, or a prefix ending in "/".
@@ -22,3 +26,13 @@ OPENAI_ROUTES: tuple[tuple[str, str], ...] = (
 )
 # The upstream's real address: the token service.
 SERVED_BY = {INFERENCE_UPSTREAM: "tokens"}
+
+
+def openai_request_limits(decision: Decision) -> dict[str, str]:
+    """OpenAI's request rate-limit headers from the gateway's window for the caller (the token
+    service adds the `-tokens` ones from the caller's leaky bucket)."""
+    return {
+        "x-ratelimit-limit-requests": str(decision.limit),
+        "x-ratelimit-remaining-requests": str(decision.remaining),
+        "x-ratelimit-reset-requests": go_duration(decision.reset_after),
+    }

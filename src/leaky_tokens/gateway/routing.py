@@ -25,8 +25,13 @@ INTERNAL_PATHS: frozenset[str] = frozenset(
 )
 
 # The provider stubs have no authentication of their own; their fault switch would let any
-# caller break every user's provider calls, so at the edge it takes an ADMIN.
-ADMIN_PREFIXES: tuple[str, ...] = tuple(f"/api/v1/{p}/faults" for p in PROVIDERS)
+# caller break every user's provider calls, so at the edge it takes an ADMIN (and the edge adds
+# the internal token the stubs ask for).
+FAULT_SWITCH_PREFIXES: tuple[str, ...] = tuple(f"/api/v1/{p}/faults" for p in PROVIDERS)
+# Nothing reaches a provider unmetered: the raw provider routes (the plan's /chat, the fault
+# switch) are for ADMINs at the gateway; users call /v1/chat/completions, which is metered.
+# Their health routes stay public (public routes pass whoever calls).
+ADMIN_PREFIXES: tuple[str, ...] = tuple(f"/api/v1/{p}/" for p in PROVIDERS)
 
 DEFAULT_POLICY_NAME = "default"
 ADDRESS_POLICY_NAME = "address"
@@ -42,6 +47,7 @@ class Route:
     public: bool
     admin_only: bool
     policy: Policy
+    fault_switch: bool = False  # an ADMIN's call gets the stubs' internal token
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,4 +153,5 @@ class RouteTable:
             public=any(p.matches(lookup, path) for p in self._public),
             admin_only=path.startswith(ADMIN_PREFIXES),
             policy=self.policy_for(method, path),
+            fault_switch=path.startswith(FAULT_SWITCH_PREFIXES),
         )

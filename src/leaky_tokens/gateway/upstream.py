@@ -33,11 +33,16 @@ class UpstreamAnswer:
     """Status and raw headers at once; the body as it arrives; the slot back at the end."""
 
     def __init__(
-        self, response: aiohttp.ClientResponse, slots: asyncio.Semaphore, deadline: float
+        self,
+        response: aiohttp.ClientResponse,
+        slots: asyncio.Semaphore,
+        deadline: float,
+        silence_seconds: float,
     ) -> None:
         self._response: aiohttp.ClientResponse | None = response
         self._slots = slots
         self._deadline = deadline
+        self._silence = silence_seconds
         self.status = response.status
         self.headers: Sequence[tuple[bytes, bytes]] = response.raw_headers
 
@@ -47,9 +52,16 @@ class UpstreamAnswer:
         response = self._response
         if response is None:
             return None
+        content = response.content
         try:
-            async with asyncio.timeout_at(self._deadline):
-                chunk = await response.content.readany()
+            if content.at_eof():
+                chunk = b""  # all of it is in: no wait, so no timer
+            else:
+                # One timer per wait, for both bounds (the whole answer, the longest silence),
+                # rather than aiohttp's sock_read timer re-armed on every packet.
+                wait = asyncio.get_running_loop().time() + self._silence
+                async with asyncio.timeout_at(min(self._deadline, wait)):
+                    chunk = await content.readany()
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.close()
             raise outbound_error(exc) from None
@@ -109,7 +121,7 @@ class UpstreamClient:
             # request that holds a slot wait.
             max_connections=self._max + 1,
             connect_seconds=self._connect,
-            read_seconds=self._headers_seconds,
+            read_seconds=None,  # bounded per wait by us (UpstreamAnswer.next_chunk)
         )
         return self._session
 
@@ -152,7 +164,7 @@ class UpstreamClient:
             if isinstance(exc, aiohttp.ClientError | TimeoutError):
                 raise outbound_error(exc) from None
             raise
-        return UpstreamAnswer(response, self._slots, deadline)
+        return UpstreamAnswer(response, self._slots, deadline, self._headers_seconds)
 
     async def _take_slot(self) -> None:
         slots = self._slots

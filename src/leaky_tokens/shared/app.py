@@ -54,7 +54,7 @@ def build_service_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.openapi = lambda: _openapi_with_our_errors(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi_with_our_errors(app, faces)  # type: ignore[method-assign]
     app.add_middleware(
         EnvelopeMiddleware,
         service=service,
@@ -90,7 +90,27 @@ ERROR_BODY_SCHEMA: dict[str, Any] = {
 }
 
 
-def _openapi_with_our_errors(app: FastAPI) -> dict[str, Any]:
+# The OpenAI face's errors (/v1/..., shared/http.py face_of).
+OPENAI_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "OpenAIErrorBody",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _openapi_with_our_errors(app: FastAPI, faces: Callable[[str], Face] | None) -> dict[str, Any]:
     """FastAPI documents validation failures as 422 with its own body; ours are 400 ErrorBody."""
     if app.openapi_schema:
         return app.openapi_schema
@@ -103,8 +123,14 @@ def _openapi_with_our_errors(app: FastAPI) -> dict[str, Any]:
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
     components["ErrorBody"] = ERROR_BODY_SCHEMA
-    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
-    for path_item in schema.get("paths", {}).values():
+    plan_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    openai_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIErrorBody"}}}
+    for path, path_item in schema.get("paths", {}).items():
+        # Each face documents the error body it answers with (what a client's SDK parses).
+        ref = plan_ref
+        if faces is not None and faces(path) == "openai":
+            components["OpenAIErrorBody"] = OPENAI_ERROR_SCHEMA
+            ref = openai_ref
         for operation in path_item.values():
             responses = operation.setdefault("responses", {})
             if responses.pop("422", None) is not None:

@@ -430,6 +430,7 @@ def principal_from_validation(body: dict[str, Any]) -> Principal:
         method="api_key",
         api_key_id=uuid.UUID(body["apiKeyId"]) if body.get("apiKeyId") else None,
         username=body.get("username"),
+        key_org_id=uuid.UUID(body["orgId"]) if body.get("orgId") else None,
     )
 
 

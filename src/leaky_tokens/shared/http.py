@@ -71,6 +71,15 @@ def current_face() -> Face:
     return _face.get()
 
 
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI writes it in `x-ratelimit-reset-*`: "84ms", "1s", "6m0s"."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = int(seconds + 0.999)
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
 class _BodyTooLarge(Exception):
     pass
 

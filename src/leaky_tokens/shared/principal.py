@@ -18,6 +18,8 @@ class Principal:
     method: Literal["jwt", "api_key"] = "jwt"
     api_key_id: uuid.UUID | None = None
     username: str | None = None
+    # An API key made for an organisation: its /v1 calls charge that org's pool.
+    key_org_id: uuid.UUID | None = None
 
     @property
     def is_admin(self) -> bool:

@@ -19,6 +19,7 @@ from leaky_tokens.shared.events import resolve_internal_token
 from leaky_tokens.shared.http import face_of
 from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
+from leaky_tokens.shared.tokenizer import preload
 from leaky_tokens.tokens.flags import FeatureFlags
 from leaky_tokens.tokens.idempotency import IdempotencyKeys
 from leaky_tokens.tokens.inference.adapters import (
@@ -103,12 +104,19 @@ def create_tokens_app(
         )
         the_clock = clock or SystemClock()
         service = TokenService(database, settings.tokens, the_clock, buckets, providers)
-        provider_http = ProviderHttp(settings.inference)
+        # The catalogue's vocabularies load (about a second of CPU each) before the service
+        # reports itself started, off the event loop: else the first /v1 call stalls the rest.
+        catalogue = Catalogue(settings.inference.models)
+        await asyncio.to_thread(preload, *catalogue.encodings())
+        provider_http = ProviderHttp(
+            settings.inference, provider_settings(settings.tokens).breaker, clock
+        )
         inference = InferenceService(
             service,
             settings.inference,
-            Catalogue(settings.inference.models),
+            catalogue,
             build_adapters(settings, provider_http),
+            provider_http,
         )
         app.state.inference_service = inference
         app.state.embedding_service = EmbeddingService(

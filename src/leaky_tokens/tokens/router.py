@@ -61,6 +61,7 @@ async def service_status(request: Request) -> StatusRead:
         timestamp=service.clock.now(),
         checks={"database": "UP"},
         providers=service.providers.breaker_snapshots(),
+        inference_providers=request.app.state.inference_service.breaker_snapshots(),
     )
 
 

@@ -125,6 +125,8 @@ class StatusRead(ApiModel):
     timestamp: datetime
     checks: dict[str, str]
     providers: dict[str, dict[str, Any]]
+    # added: the breakers of the /v1 API's provider adapters
+    inference_providers: dict[str, dict[str, Any]] = {}
 
 
 class PurchaseCreate(RequestModel):

@@ -31,6 +31,8 @@ import aiohttp
 import orjson
 
 from leaky_tokens.settings import PROVIDERS, InferenceSettings, Settings
+from leaky_tokens.shared.circuit_breaker import BreakerConfig, CircuitBreaker, CircuitOpenError
+from leaky_tokens.shared.clock import Clock
 from leaky_tokens.shared.outbound import client_session
 from leaky_tokens.tokens.inference import gemini
 from leaky_tokens.tokens.inference.wire import (
@@ -151,12 +153,31 @@ def _gemini_error(status: int, body: Any, headers: Mapping[str, str]) -> Provide
     return error
 
 
-class ProviderHttp:
-    """One pooled aiohttp session for every provider, with the retry rule above."""
+def _is_outage(exc: BaseException) -> bool:
+    """What counts against a provider's breaker: no answer, or one saying it is down; a
+    rejected request or a throttle is the provider working."""
+    return isinstance(exc, ProviderError) and exc.kind in ("failed", "unavailable", "timeout")
 
-    def __init__(self, settings: InferenceSettings) -> None:
+
+class ProviderHttp:
+    """One pooled aiohttp session for every provider, with the retry rule above, and a circuit
+    breaker per provider around opening a call (an open one answers 503 at once)."""
+
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        breaker: BreakerConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._breakers = {
+            provider: CircuitBreaker(f"inference-{provider}", breaker or BreakerConfig(), clock)
+            for provider in PROVIDERS
+        }
+
+    def breaker_snapshots(self) -> dict[str, dict[str, Any]]:
+        return {name: breaker.snapshot() for name, breaker in self._breakers.items()}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -173,6 +194,7 @@ class ProviderHttp:
 
     async def send(
         self,
+        provider: str,
         url: str,
         headers: dict[str, str],
         payload: dict[str, Any],
@@ -182,6 +204,27 @@ class ProviderHttp:
     ) -> aiohttp.ClientResponse:
         """POST `payload`; the open 2xx answer (its headers in), or ProviderError. The caller
         reads the body and releases the answer."""
+        breaker = self._breakers[provider]
+        try:
+            return await breaker.call(
+                lambda: self._send(url, headers, payload, errors, deadline=deadline), _is_outage
+            )
+        except CircuitOpenError as exc:
+            raise ProviderError(
+                "unavailable",
+                "the provider keeps failing; its circuit breaker is open",
+                retry_after_seconds=exc.retry_after_seconds,
+            ) from None
+
+    async def _send(
+        self,
+        url: str,
+        headers: dict[str, str],
+        payload: dict[str, Any],
+        errors: ErrorReader,
+        *,
+        deadline: float,
+    ) -> aiohttp.ClientResponse:
         session = self._open()
         data = orjson.dumps(payload)
         headers = {**headers, "content-type": "application/json"}
@@ -207,8 +250,8 @@ class ProviderHttp:
                 return response
             try:
                 async with asyncio.timeout_at(deadline):
-                    raw = await response.content.read(MAX_ANSWER_BYTES)
-            except (TimeoutError, aiohttp.ClientError):
+                    raw = await read_body(response, MAX_ANSWER_BYTES)
+            except (TimeoutError, aiohttp.ClientError, ProviderError):
                 raw = b""
             finally:
                 response.release()
@@ -233,33 +276,30 @@ class ProviderHttp:
     async def read_json(self, response: aiohttp.ClientResponse, deadline: float) -> Any:
         try:
             async with asyncio.timeout_at(deadline):
-                raw = await read_up_to(response, MAX_ANSWER_BYTES + 1)
+                raw = await read_body(response, MAX_ANSWER_BYTES)
         except TimeoutError:
             raise ProviderError("timeout", "the provider did not answer in time") from None
         except aiohttp.ClientError:
             raise ProviderError("failed", "the provider's answer broke off") from None
         finally:
             response.release()
-        if len(raw) > MAX_ANSWER_BYTES:
-            raise ProviderError("failed", "the provider's answer is too large")
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise ProviderError("failed", "the provider answered something not JSON") from None
 
 
-async def read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body up to `limit` bytes. `content.read(n)` returns what has arrived so far (at most
-    n), so a body larger than one read (a batch of embeddings) needs the loop."""
-    pieces: list[bytes] = []
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, at most `limit` bytes (`content.read(n)` returns only what is buffered
+    already, which for a body in several TCP segments is not all of it)."""
+    blocks: list[bytes] = []
     size = 0
-    while size < limit:
-        piece = await response.content.read(limit - size)
-        if not piece:
-            break
-        pieces.append(piece)
-        size += len(piece)
-    return b"".join(pieces)
+    while block := await response.content.readany():
+        size += len(block)
+        if size > limit:
+            raise ProviderError("failed", "the provider's answer is too large")
+        blocks.append(block)
+    return b"".join(blocks)
 
 
 async def sse_data(response: aiohttp.ClientResponse, idle_seconds: float) -> AsyncIterator[bytes]:
@@ -325,7 +365,12 @@ class OpenAiCompatibleAdapter:
     async def complete(self, call: ChatCall) -> Completion:
         deadline = self._deadline()
         response = await self.http.send(
-            self.url, self.headers, self._payload(call), openai_error_of, deadline=deadline
+            self.endpoint.provider,
+            self.url,
+            self.headers,
+            self._payload(call),
+            openai_error_of,
+            deadline=deadline,
         )
         body = await self.http.read_json(response, deadline)
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
@@ -338,7 +383,12 @@ class OpenAiCompatibleAdapter:
 
     async def open_stream(self, call: ChatCall) -> ChatStream:
         response = await self.http.send(
-            self.url, self.headers, self._payload(call), openai_error_of, deadline=self._deadline()
+            self.endpoint.provider,
+            self.url,
+            self.headers,
+            self._payload(call),
+            openai_error_of,
+            deadline=self._deadline(),
         )
         return _OpenAiStream(response, call.route.id, self.http.settings.stream_idle_seconds)
 
@@ -400,6 +450,7 @@ class GeminiAdapter:
     async def complete(self, call: ChatCall) -> Completion:
         deadline = self._deadline()
         response = await self.http.send(
+            self.endpoint.provider,
             self._url(call, "generateContent"),
             self.headers,
             gemini.to_request(call),
@@ -416,6 +467,7 @@ class GeminiAdapter:
 
     async def open_stream(self, call: ChatCall) -> ChatStream:
         response = await self.http.send(
+            self.endpoint.provider,
             self._url(call, "streamGenerateContent") + "?alt=sse",
             self.headers,
             gemini.to_request(call),

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from leaky_tokens.settings import CatalogueModel
+from leaky_tokens.shared.tokenizer import tokenizer_for
 from leaky_tokens.tokens.inference.errors import InvalidInferenceRequest, ModelNotFound
 
 # `created` of every catalogue entry in /v1/models (the SDK needs an integer; ours is fixed).
@@ -50,6 +51,10 @@ class Catalogue:
 
     def __iter__(self) -> Iterator[ModelRoute]:
         return iter(self._models.values())
+
+    def encodings(self) -> set[str]:
+        """The offline vocabularies the catalogue's models are counted with."""
+        return {tokenizer_for(m.provider, m.upstream_model).encoding_name for m in self}
 
     def resolve(self, requested: str) -> ModelRoute:
         found = self._models.get(requested)

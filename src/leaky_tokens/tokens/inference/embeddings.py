@@ -202,6 +202,7 @@ class EmbeddingAdapters:
             payload["user"] = request.user
         deadline = self._deadline()
         response = await self.http.send(
+            route.provider,
             f"{endpoint.base_url}/embeddings",
             {"authorization": f"Bearer {endpoint.api_key}", "accept": "*/*"},
             payload,
@@ -233,6 +234,7 @@ class EmbeddingAdapters:
         }
         deadline = self._deadline()
         response = await self.http.send(
+            "gemini",
             f"{endpoint.base_url}/models/{route.upstream_model}:batchEmbedContents",
             {"x-goog-api-key": endpoint.api_key, "accept": "*/*"},
             payload,

@@ -35,8 +35,17 @@ FINISH_REASONS = {
 _DELAY = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 
 
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "audio")
+
+
 def to_request(call: ChatCall) -> dict[str, Any]:
-    """The generateContent body for an OpenAI-style chat call."""
+    """The generateContent body for an OpenAI-style chat call. Parameters this translation
+    does not carry (tool calling, logprobs, audio) are refused rather than silently dropped."""
+    for name in UNSUPPORTED:
+        if call.options.get(name) not in (None, False, []):
+            raise ProviderError(
+                "rejected", f"'{name}' is not supported for Gemini models here yet", param=name
+            )
     system: list[str] = []
     contents: list[dict[str, Any]] = []
     for message in call.messages:

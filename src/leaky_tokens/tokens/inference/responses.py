@@ -175,6 +175,8 @@ def parse_responses_request(body: Any, catalogue: Catalogue) -> ResponsesRequest
         )
     route = catalogue.resolve_for(model, "chat")
     options: dict[str, Any] = {}
+    if route.provider == "openai" and body.get("tools"):
+        options["tools"] = body["tools"]  # counted into the reservation; sent natively as is
     if route.provider != "openai":
         tools = chat_tools(body.get("tools"))
         if tools:
@@ -578,6 +580,7 @@ class ResponsesService:
             try:
                 deadline = self._deadline()
                 answer = await self.http.send(
+                    "openai",
                     self.url,
                     self.headers,
                     self._native_payload(request, admission.max_tokens),
@@ -621,6 +624,7 @@ class ResponsesService:
         try:
             if request.route.provider == "openai":
                 response = await self.http.send(
+                    "openai",
                     self.url,
                     self.headers,
                     self._native_payload(request, admission.max_tokens),

@@ -28,9 +28,10 @@ from redis.exceptions import RedisError
 
 from leaky_tokens.settings import InferenceSettings
 from leaky_tokens.shared.errors import AppError, Forbidden, ServiceUnavailable
+from leaky_tokens.shared.http import go_duration
 from leaky_tokens.shared.principal import Principal
 from leaky_tokens.shared.tokenizer import Tokenizer, message_text, tokenizer_for
-from leaky_tokens.tokens.inference.adapters import Adapter, ChatStream
+from leaky_tokens.tokens.inference.adapters import Adapter, ChatStream, ProviderHttp
 from leaky_tokens.tokens.inference.catalogue import Catalogue, ModelRoute
 from leaky_tokens.tokens.inference.errors import (
     BucketFull,
@@ -154,15 +155,6 @@ class Admission:
         }
 
 
-def go_duration(seconds: float) -> str:
-    """A duration as OpenAI writes it in x-ratelimit-reset-*: "84ms", "1s", "6m0s"."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    whole = int(seconds + 0.999)
-    minutes, secs = divmod(whole, 60)
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
 def provider_http_error(error: ProviderError) -> AppError:
     """The answer a client gets for a provider call that failed before any output."""
     headers: dict[str, str] = {}
@@ -194,17 +186,22 @@ class InferenceService:
         settings: InferenceSettings,
         catalogue: Catalogue,
         adapters: dict[str, Adapter],
+        http: ProviderHttp | None = None,
     ) -> None:
         self.tokens = tokens
         self.settings = settings
         self.catalogue = catalogue
         self.adapters = adapters
+        self.http = http
+
+    def breaker_snapshots(self) -> dict[str, dict[str, Any]]:
+        return self.http.breaker_snapshots() if self.http is not None else {}
 
     # --- admission ----------------------------------------------------------------------
 
     def _pool_of(self, principal: Principal) -> tuple[str, uuid.UUID, uuid.UUID | None]:
         """(kind, owner, org id) of the pool a call charges: the org's for an org's API key."""
-        org_id = getattr(principal, "key_org_id", None)
+        org_id = principal.key_org_id
         if org_id is not None:
             if not principal.may_act_for_org(org_id):
                 raise Forbidden("this API key's organisation no longer includes you")
@@ -217,7 +214,13 @@ class InferenceService:
         route = request.route
         self._pool_of(principal)  # a foreign org's key is refused before anything is counted
         tokenizer = tokenizer_for(route.provider, route.upstream_model)
-        prompt = tokenizer.upper_bound(tokenizer.count_messages(request.messages))
+        counted = tokenizer.count_messages(request.messages)
+        # Tool and schema definitions are prompt tokens at the provider too: counted as their
+        # JSON text (a little more than providers count), so the reservation covers them.
+        for name in ("tools", "functions", "response_format"):
+            if request.options.get(name) is not None:
+                counted += tokenizer.count(orjson.dumps(request.options[name]).decode())
+        prompt = tokenizer.upper_bound(counted)
         room = route.context_window - prompt
         if room < 1:
             message = (
@@ -298,13 +301,7 @@ class InferenceService:
                         provider=route.provider,
                         request_id=request_id,
                         now=now,
-                        expires_at=now
-                        + timedelta(
-                            seconds=max(
-                                service.settings.reservation_ttl_seconds,
-                                self.settings.timeout_seconds * 2,
-                            )
-                        ),
+                        expires_at=now + timedelta(seconds=self.settings.reservation_ttl_seconds),
                     )
                 )
         if reserved is None:

@@ -1,6 +1,8 @@
 // Usage over time: tokens per provider (and model), requests allowed vs refused, anomalies
 // marked on the chart. Calls GET /api/v1/analytics/timeseries and, per provider,
 // GET /api/v1/analytics/anomalies — both scoped by the API (a USER sees their own events).
+// When the window holds events that name a model (calls of the /v1 API), a per-model table
+// from GET /api/v1/analytics/report?byModel=true (token kinds, p50/p95 latency) appears.
 
 import { call } from "../api.js";
 import { ALLOWED_COLOUR, REFUSED_COLOUR, TimeChart, seriesColours } from "../charts.js";
@@ -42,6 +44,21 @@ export function mount(root, ctx) {
     ["Provider", "Model", numCol("Requests"), numCol("Allowed"), numCol("Refused"), numCol("Tokens"), numCol("Allowed tokens")],
     { id: "usage-totals" },
   );
+  const models = dataTable(
+    "Per model",
+    [
+      "Provider",
+      "Model",
+      numCol("Requests"),
+      numCol("Prompt tokens"),
+      numCol("Completion tokens"),
+      numCol("Tokens"),
+      numCol("p50 latency (ms)"),
+      numCol("p95 latency (ms)"),
+    ],
+    { id: "usage-models" },
+  );
+  models.element.hidden = true;
   let poller;
   const picker = windowPicker(ctx.prefs, () => poller.now());
 
@@ -51,6 +68,7 @@ export function mount(root, ctx) {
     section("Anomalies", h("p", { class: "hint", text: "Tokens of the latest anomaly window against the windows before it (2× or more is a spike)." }), anomalyList),
     h("div", { class: "charts" }, tokensChart.element, requestsChart.element),
     totals.element,
+    models.element,
   );
 
   async function refresh() {
@@ -63,6 +81,32 @@ export function mount(root, ctx) {
         }),
       ),
     ]);
+    // The per-model table, only when some event names a model (the report's window is at most
+    // 24 h: the 7-day view shows the last 24 h there).
+    const modelled = PROVIDERS.filter((p) => series.series.some((s) => s.provider === p && s.model));
+    const reports = await Promise.all(
+      modelled.map((provider) =>
+        call("/api/v1/analytics/report", {
+          query: { provider, windowMinutes: Math.min(window.minutes, 1440), byModel: true },
+        }),
+      ),
+    );
+    const modelRows = reports.flatMap((r) =>
+      r.byModel
+        .filter((m) => m.model)
+        .map((m) => [
+          rowHeader(r.provider),
+          m.model,
+          num(fmtInt(m.totalEvents)),
+          num(fmtInt(m.promptTokens)),
+          num(fmtInt(m.completionTokens)),
+          num(fmtInt(m.totalTokens)),
+          num(m.p50LatencyMs === null ? "—" : fmtInt(m.p50LatencyMs)),
+          num(m.p95LatencyMs === null ? "—" : fmtInt(m.p95LatencyMs)),
+        ]),
+    );
+    models.element.hidden = modelRows.length === 0;
+    models.setRows(modelRows, "No model named in this window.");
     const xs = series.buckets.map(seconds);
     const spikes = verdicts
       .filter((v) => v.anomaly)
