@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import bench_gateway, bench_inference, ceiling, consume, wrk
+from bench import bench_agents, bench_gateway, bench_inference, ceiling, consume, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,6 +95,8 @@ def main() -> None:
     report["inference"] = [bench_inference.run(shape, 5, 16, 200) for shape in shapes]
     for row in report["inference"]:
         bench_inference.print_report(row)
+    report["agents"] = [row for shape in shapes for row in bench_agents.run(shape)]
+    bench_agents.print_rows(report["agents"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     print(f"written to {RESULTS / 'latest.json'}")

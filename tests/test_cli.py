@@ -112,7 +112,7 @@ def test_admin_commands_create_a_user_and_a_quota(tmp_path: Path) -> None:
     assert "through the running token service" not in quota.stdout
     migrated = run_cli("migrate", env=env)
     assert migrated.returncode == 0
-    assert "auth: at auth_0003" in migrated.stdout
+    assert "auth: at auth_0005" in migrated.stdout
 
 
 async def test_set_quota_goes_through_the_running_token_service(tmp_path: Path) -> None:

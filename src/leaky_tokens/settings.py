@@ -112,6 +112,9 @@ class TokensSettings(BaseModel):
     max_quota_tokens: int = Field(10**12, ge=1)
     reservation_ttl_seconds: float = Field(120.0, gt=0)
     sweep_interval_seconds: float = Field(5.0, gt=0)
+    # How often agent sessions past their lifetime are ended (their budget given back); the
+    # credential itself stops working at the expiry, whatever this is.
+    session_sweep_interval_seconds: float = Field(1.0, gt=0)
     provider_timeout_seconds: float = Field(3.0, gt=0)
     provider_attempts: int = Field(2, ge=1, le=5)
     provider_max_concurrent: int = Field(64, ge=1)
@@ -388,6 +391,62 @@ class GatewaySettings(BaseModel):
         return value
 
 
+class AgentProduct(BaseModel):
+    """A product of the agent API: a pool of catalogue models a session may use. "dynamic" may
+    move between its models (and their providers) on rotation; "static" stays on its one."""
+
+    product_no: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    type: Literal["dynamic", "static"]
+    models: list[str] = Field(min_length=1)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _static_has_one(self) -> AgentProduct:
+        if self.type == "static" and len(self.models) != 1:
+            raise ValueError("a static product names exactly one model")
+        return self
+
+
+class AgentSettings(BaseModel):
+    """The agent API on the gateway port (issue 13): /v1/health, /v1/account/**, /v1/sessions/**…"""
+
+    # Its own limit per caller (API key, else Bearer user, else client address), besides the
+    # gateway's; answers carry X-RateLimit-Limit/Remaining/Reset, a 429 also Retry-After.
+    rate_limit_requests: int = Field(300, ge=1)
+    rate_limit_window_seconds: int = Field(60, ge=1, le=86400)
+    # Session limits.
+    default_lifetime_seconds: int = Field(3600, ge=1)
+    max_lifetime_seconds: int = Field(7 * 86400, ge=1)
+    max_token_budget: int = Field(10_000_000, ge=1)
+    # Health of a session over its latest `health_window_events` events (agent reports and what
+    # the gateway saw): "unhealthy" when the success rate is below `unhealthy_success_rate` or
+    # the last `unhealthy_consecutive_errors` events all failed; "degraded" below
+    # `degraded_success_rate` or when the mean latency passes `degraded_latency_ms`; else
+    # "healthy" (also with fewer than `health_min_events` events).
+    health_window_events: int = Field(100, ge=1, le=1000)
+    health_min_events: int = Field(3, ge=1)
+    degraded_success_rate: float = Field(0.9, ge=0, le=1)
+    unhealthy_success_rate: float = Field(0.5, ge=0, le=1)
+    unhealthy_consecutive_errors: int = Field(5, ge=1)
+    degraded_latency_ms: int = Field(5000, ge=1)
+    # The base URL agents are given (proxy.full_url); empty: the gateway's own URL.
+    public_base_url: str = ""
+    # Products; empty: one dynamic product over the whole catalogue and a static one per model.
+    products: list[AgentProduct] = []
+    # `make bench` latency aims, P95 in milliseconds (spec TS-4).
+    p95_health_ms: float = Field(500.0, gt=0)
+    p95_account_info_ms: float = Field(1000.0, gt=0)
+    p95_session_get_ms: float = Field(1000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AgentSettings:
+        if self.unhealthy_success_rate > self.degraded_success_rate:
+            raise ValueError("unhealthy_success_rate must not exceed degraded_success_rate")
+        if self.default_lifetime_seconds > self.max_lifetime_seconds:
+            raise ValueError("default_lifetime_seconds must not exceed max_lifetime_seconds")
+        return self
+
+
 class StubSettings(BaseModel):
     """How the provider emulators (qwen, gemini, openai stubs) answer; faults come at run time."""
 
@@ -439,6 +498,7 @@ class Settings(BaseSettings):
     analytics: AnalyticsSettings = AnalyticsSettings()
     events: EventsSettings = EventsSettings()
     gateway: GatewaySettings = GatewaySettings()
+    agents: AgentSettings = AgentSettings()
     stubs: StubSettings = StubSettings()
     redis: RedisSettings = RedisSettings()
 

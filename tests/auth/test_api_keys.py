@@ -37,7 +37,17 @@ async def test_creating_a_key_answers_201_with_the_raw_key(auth: AuthClient) -> 
 
     assert response.status_code == 201, response.text
     body = response.json()
-    assert set(body) == {"id", "userId", "name", "rawKey", "createdAt", "expiresAt", "orgId"}
+    assert set(body) == {
+        "id",
+        "userId",
+        "name",
+        "rawKey",
+        "createdAt",
+        "expiresAt",
+        "orgId",
+        "sessionId",
+    }
+    assert body["sessionId"] is None  # set only for an agent session's credential (issue 13)
     assert re.fullmatch(rf"leaky_{user.user_id}_[0-9a-f]{{48}}", body["rawKey"])
     assert uuid.UUID(body["id"])
     assert body["userId"] == user.user_id
@@ -268,6 +278,7 @@ async def test_validating_a_key_answers_its_owner(auth: AuthClient) -> None:
         "apiKeyId": key["id"],
         "orgIds": [],
         "orgId": None,
+        "sessionId": None,
     }
     assert _parse(body["expiresAt"]) == expires
 

@@ -47,6 +47,9 @@ class ApiKey(AuthBase):
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     # A key made for an organisation (its owner a member): its /v1 calls charge the org's pool.
     org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    # Set for an agent session's credential (issue 13): what it spends is charged to that
+    # session's budget, and it expires and is revoked with the session.
+    session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
 
 
 AutoId = BigInteger().with_variant(Integer(), "sqlite")

@@ -86,11 +86,14 @@ class AuthRepository:
         return result.scalar_one_or_none()
 
     async def count_active_api_keys(self, user_id: uuid.UUID, now: datetime) -> int:
+        """The user's own live keys. Agent sessions' credentials are not counted: each is
+        bounded by its session (budget, lifetime) and dies with it (issue 13)."""
         count = await self.session.scalar(
             select(func.count())
             .select_from(ApiKey)
             .where(
                 ApiKey.user_id == user_id,
+                ApiKey.session_id.is_(None),
                 ApiKey.revoked_at.is_(None),
                 (ApiKey.expires_at.is_(None)) | (ApiKey.expires_at > now),
             )

@@ -130,7 +130,12 @@ async def create_api_key(
 ) -> ApiKeyCreated:
     owner = body.user_id or principal.user_id
     key, raw = await _service(request).create_api_key(
-        principal, owner, body.name, body.expires_at, body.org_id
+        principal,
+        owner,
+        body.name,
+        body.expires_at,
+        org_id=body.org_id,
+        session_id=body.session_id,
     )
     return ApiKeyCreated(
         id=key.id,
@@ -140,6 +145,7 @@ async def create_api_key(
         created_at=key.created_at,
         expires_at=key.expires_at,
         org_id=key.org_id,
+        session_id=key.session_id,
     )
 
 
@@ -173,6 +179,7 @@ async def validate_api_key(
         api_key_id=found.key.id,
         org_ids=found.org_ids,
         org_id=found.key.org_id,
+        session_id=found.key.session_id,
     )
 
 

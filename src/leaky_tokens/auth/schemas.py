@@ -51,6 +51,9 @@ class ApiKeyCreate(RequestModel):
     org_id: uuid.UUID | None = Field(
         None, description="An organisation the owner belongs to: the key's calls charge its pool"
     )
+    session_id: uuid.UUID | None = Field(
+        None, description="An agent session's credential: spending is charged to its budget"
+    )
 
 
 class ApiKeyCreated(ApiModel):
@@ -61,6 +64,7 @@ class ApiKeyCreated(ApiModel):
     created_at: datetime
     expires_at: datetime | None
     org_id: uuid.UUID | None = None
+    session_id: uuid.UUID | None = None
 
 
 class ApiKeyRead(ApiModel):
@@ -84,6 +88,7 @@ class ApiKeyValidation(ApiModel):
     api_key_id: uuid.UUID
     org_ids: list[uuid.UUID]
     org_id: uuid.UUID | None = Field(None, description="The organisation the key charges")
+    session_id: uuid.UUID | None = None
 
 
 class OrgCreate(RequestModel):

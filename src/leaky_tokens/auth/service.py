@@ -243,9 +243,13 @@ class AuthService:
         name: str,
         expires_at: datetime | None,
         org_id: uuid.UUID | None = None,
+        session_id: uuid.UUID | None = None,
     ) -> tuple[ApiKey, str]:
         """`org_id`: a key for that organisation, whose owner must be a member of it."""
         self._authorise_for(principal, user_id)
+        if principal.session_id is not None:
+            # A session's credential spends its budget; it never mints credentials.
+            raise Forbidden("an agent session's credential cannot create API keys")
         now = self.clock.now()
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest(
@@ -263,6 +267,7 @@ class AuthService:
             expires_at=expires_at,
             revoked_at=None,
             org_id=org_id,
+            session_id=session_id,
         )
         cap = self.settings.max_active_api_keys_per_user
         async with self.db.transaction() as session:
@@ -386,6 +391,7 @@ class AuthService:
             api_key_id=found.key.id,
             username=found.user.username,
             key_org_id=found.key.org_id,
+            session_id=found.key.session_id,
         )
 
     # organisations

@@ -8,6 +8,7 @@ and its own error renderer; the dispatch below sends every path but the gateway'
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -16,6 +17,8 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from leaky_tokens.agents.app import AgentDispatch, SessionProxyPath, create_agent_app
+from leaky_tokens.agents.observe import SessionObserver, drain, dropped_counter
 from leaky_tokens.gateway.dashboard import DashboardFiles
 from leaky_tokens.gateway.edge import GatewayEdge, GatewayMetrics
 from leaky_tokens.gateway.health import HEALTH_PATHS, aggregate
@@ -145,10 +148,13 @@ def create_gateway_app(
         app.state.health_client = client_session(
             max_connections=len(upstreams) * 2, connect_seconds=gateway.health_timeout_seconds
         )
+        app.state.agent_limiter = limiter
         try:
             edge.attach(edge_authenticator, limiter, upstreams)
             yield
         finally:
+            await drain(observations)
+            await agent_app.state.services.aclose()
             for upstream in upstreams.values():
                 await upstream.aclose()
             await app.state.health_client.close()
@@ -196,5 +202,34 @@ def create_gateway_app(
     # Innermost user middleware: right inside the envelope (which `add_middleware` would not do).
     # The dashboard's files first: /dashboard/** is the gateway's own, never an upstream's.
     app.user_middleware.append(Middleware(DashboardFiles))
+    # The agent API (issue 13): its paths answer in its envelope; a session's proxy base URL
+    # /v1/s/<credential>/… becomes the /v1 API with that credential.
+    agent_app = create_agent_app(
+        settings,
+        authenticator=authenticator,
+        edge_open_providers=lambda: {
+            name for name, u in edge.upstreams.items() if u.breaker.state.value == "open"
+        },
+    )
+    app.state.agent_app = agent_app
+    app.user_middleware.append(
+        Middleware(
+            AgentDispatch,
+            agent_app=agent_app,
+            limiter=lambda: getattr(app.state, "agent_limiter", None),
+            settings=settings,
+        )
+    )
+    app.user_middleware.append(Middleware(SessionProxyPath))
+    observations: set[asyncio.Task[None]] = set()
+    app.user_middleware.append(
+        Middleware(
+            SessionObserver,
+            authenticator=authenticator,
+            services=agent_app.state.services,
+            pending=observations,
+            dropped=dropped_counter(app.state.metrics.registry),
+        )
+    )
     app.user_middleware.append(Middleware(EdgeDispatch, edge=edge, own_paths=own_paths))
     return app

@@ -431,6 +431,7 @@ def principal_from_validation(body: dict[str, Any]) -> Principal:
         api_key_id=uuid.UUID(body["apiKeyId"]) if body.get("apiKeyId") else None,
         username=body.get("username"),
         key_org_id=uuid.UUID(body["orgId"]) if body.get("orgId") else None,
+        session_id=uuid.UUID(body["sessionId"]) if body.get("sessionId") else None,
     )
 
 

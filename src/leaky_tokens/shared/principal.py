@@ -20,6 +20,8 @@ class Principal:
     username: str | None = None
     # An API key made for an organisation: its /v1 calls charge that org's pool.
     key_org_id: uuid.UUID | None = None
+    # An agent session's credential (issue 13): spending is charged to that session's budget.
+    session_id: uuid.UUID | None = None
 
     @property
     def is_admin(self) -> bool:

@@ -43,6 +43,8 @@ from leaky_tokens.tokens.provider_client import ProviderClient, ProviderSettings
 from leaky_tokens.tokens.purchase_saga import PurchaseService, SagaOrchestrator, StepObserver
 from leaky_tokens.tokens.router import internal_router, router
 from leaky_tokens.tokens.service import TokenService
+from leaky_tokens.tokens.session_router import router as session_router
+from leaky_tokens.tokens.sessions import AgentSessionService
 
 log = logging.getLogger("leaky_tokens.tokens")
 
@@ -69,6 +71,19 @@ async def _sweep_forever(service: TokenService, interval: float) -> None:
                 log.warning("refunded %d abandoned reservations", swept)
         except Exception:
             log.exception("reservation sweep failed")
+        await asyncio.sleep(interval)
+
+
+async def _sweep_sessions_forever(service: AgentSessionService, interval: float) -> None:
+    """Agent sessions past their lifetime end (their budget goes back), and tokens settled
+    into ended sessions' pools go back too (issue 13)."""
+    while True:
+        try:
+            expired, late = await service.sweep()
+            if expired or late:
+                log.info("agent sessions: %d expired, %d late returns", expired, late)
+        except Exception:
+            log.exception("agent session sweep failed")
         await asyncio.sleep(interval)
 
 
@@ -145,8 +160,13 @@ def create_tokens_app(
         app.state.internal_token = resolve_internal_token(
             settings.internal_token, settings.data_dir
         )
+        sessions = AgentSessionService(database, settings.tokens, the_clock)
+        app.state.session_service = sessions
         background = [
             asyncio.create_task(_sweep_forever(service, settings.tokens.sweep_interval_seconds)),
+            asyncio.create_task(
+                _sweep_sessions_forever(sessions, settings.tokens.session_sweep_interval_seconds)
+            ),
             asyncio.create_task(orchestrator.run_forever()),
             asyncio.create_task(idempotency_keys.sweep_forever(), name="idempotency-sweeper"),
         ]
@@ -191,7 +211,14 @@ def create_tokens_app(
         description=(
             "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
         ),
-        routers=[router, inference_router, embeddings_router, responses_router, internal_router],
+        routers=[
+            router,
+            inference_router,
+            embeddings_router,
+            responses_router,
+            internal_router,
+            session_router,
+        ],
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,

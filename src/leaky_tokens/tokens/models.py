@@ -162,6 +162,73 @@ class StubPaymentOperation(TokensBase):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class AgentSession(TokensBase):
+    """An agent session (issue 13): a budget moved out of its owner's pool into a pool of its
+    own (owner_kind "session", owner_id = this id), spent through its credential, and given back
+    once when it ends. pending -> active -> terminated | expired; failed when activation could
+    not move the budget. `funded_*` say where the budget came from, so what is left goes back
+    the way a settlement would: credit first, the allowance only into the window it left."""
+
+    __tablename__ = "agent_session"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key", name="uq_agent_session_user_key"),
+        Index("ix_agent_session_user_created", "user_id", "created_at"),
+        Index("ix_agent_session_status_expires", "status", "expires_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    idempotency_key: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    product_no: Mapped[str] = mapped_column(String(64))
+    product_type: Mapped[str] = mapped_column(String(8))  # "dynamic" | "static"
+    model: Mapped[str] = mapped_column(String(128))
+    provider: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    token_budget: Mapped[int] = mapped_column(BigInteger)
+    funding_kind: Mapped[str] = mapped_column(String(8))  # "user" | "org"
+    funding_owner_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    funding_provider: Mapped[str] = mapped_column(String(32))
+    funded_allowance: Mapped[int] = mapped_column(BigInteger, default=0)
+    funded_credit: Mapped[int] = mapped_column(BigInteger, default=0)
+    funded_reset_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Given back so far (a late settlement after the end is given back by the sweeper).
+    returned_credit: Mapped[int] = mapped_column(BigInteger, default=0)
+    returned_allowance: Mapped[int] = mapped_column(BigInteger, default=0)
+    returned_dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The credential (an auth API key bound to this session). Kept so a replay of the
+    # creation and the owner's GET can return proxy.full_url; it dies with the session.
+    credential: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    credential_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    rotations: Mapped[int] = mapped_column(Integer, default=0)
+    failure_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    close_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    activated_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class AgentSessionEvent(TokensBase):
+    """What happened to a session's calls: reported by the agent ("agent"), seen by the gateway
+    ("gateway"), or a rotation ("rotation")."""
+
+    __tablename__ = "agent_session_event"
+    __table_args__ = (Index("ix_agent_session_event_session", "session_id", "id"),)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    session_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    source: Mapped[str] = mapped_column(String(16))  # "agent" | "gateway" | "rotation"
+    outcome: Mapped[str] = mapped_column(String(16))  # "success" | "http_error" | "rotated"
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    latency_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    message: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class IdempotencyRecord(TokensBase):
     """One Idempotency-Key of /v1 inference (issue 12), per caller scope (an API key, or a
     user for a JWT). The row is the claim: it is written before anything is reserved or sent,

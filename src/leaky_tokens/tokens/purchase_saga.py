@@ -110,6 +110,9 @@ class PurchaseService:
         TokenService.authorise_user(principal, request.user_id)
         if request.org_id is not None:
             TokenService.authorise_org(principal, request.org_id)
+        if principal.session_id is not None:
+            # An agent session's credential spends its budget; it never buys (issue 13).
+            raise Forbidden("an agent session's credential cannot buy tokens")
         if not await self.flags.enabled("saga.purchases-enabled"):
             raise PurchasesDisabled()
         check_provider(request.provider)

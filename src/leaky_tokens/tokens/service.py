@@ -38,6 +38,7 @@ from leaky_tokens.tokens.outbox import usage_event
 from leaky_tokens.tokens.outbox_repository import Backlog, OutboxRepository
 from leaky_tokens.tokens.provider_client import ProviderCallFailed, ProviderClient
 from leaky_tokens.tokens.repository import QuotaLedger, SettledReservation, TokensRepository
+from leaky_tokens.tokens.session_budget import charge_target
 
 log = logging.getLogger("leaky_tokens.tokens")
 
@@ -260,7 +261,10 @@ class TokenService:
             )
             raise TokensExceedCapacity(message, details=[{"field": "tokens", "message": message}])
 
-        kind, owner = (ORG_POOL, request.org_id) if request.org_id else (USER_POOL, request.user_id)
+        # A session credential's calls are charged to its session's budget (issue 13).
+        kind, owner, pool_provider = charge_target(
+            principal, request.org_id, request.user_id, request.provider
+        )
         now = self.clock.now()
         reservation_id = uuid.uuid4()
         event_fields: dict[str, Any] = {
@@ -275,7 +279,7 @@ class TokenService:
             reserved = await repo.reserve(
                 kind,
                 owner,
-                request.provider,
+                pool_provider,
                 at_least=request.tokens,
                 at_most=request.tokens,
                 now=now,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import orjson
@@ -23,6 +24,7 @@ from leaky_tokens.tokens.inference.service import (
     MeteredStream,
     parse_chat_request,
 )
+from leaky_tokens.tokens.sessions import AgentSessionService
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -68,6 +70,11 @@ async def _chat_completions(request: Request, principal: Principal, raw: bytes) 
             "payload."
         ) from None
     chat = parse_chat_request(body, service.catalogue)
+    if principal.session_id is not None:
+        # An agent session's calls go to the model the session is on (it moves on rotation).
+        sessions: AgentSessionService = request.app.state.session_service
+        model = await sessions.model_for_call(principal)
+        chat = dataclasses.replace(chat, route=service.catalogue.resolve(model))
     if chat.stream:
         stream = await service.open_stream(principal, chat, current_request_id())
         return MeteredEventStream(stream)

@@ -48,6 +48,7 @@ from leaky_tokens.tokens.leaky_bucket import BucketConfig, BucketDecision
 from leaky_tokens.tokens.outbox import usage_event
 from leaky_tokens.tokens.repository import QuotaLedger, SettledReservation
 from leaky_tokens.tokens.service import ORG_POOL, USER_POOL, TokenService
+from leaky_tokens.tokens.session_budget import SESSION_POOL, SESSION_POOL_PROVIDER
 
 log = logging.getLogger("leaky_tokens.tokens.inference")
 
@@ -200,7 +201,10 @@ class InferenceService:
     # --- admission ----------------------------------------------------------------------
 
     def _pool_of(self, principal: Principal) -> tuple[str, uuid.UUID, uuid.UUID | None]:
-        """(kind, owner, org id) of the pool a call charges: the org's for an org's API key."""
+        """(kind, owner, org id) of the pool a call charges: the org's for an org's API key;
+        an agent session's own pool for its credential (issue 13)."""
+        if principal.session_id is not None:
+            return SESSION_POOL, principal.session_id, None
         org_id = principal.key_org_id
         if org_id is not None:
             if not principal.may_act_for_org(org_id):
@@ -277,7 +281,7 @@ class InferenceService:
             reserved = await ledger.reserve(
                 kind,
                 owner,
-                route.provider,
+                SESSION_POOL_PROVIDER if kind == SESSION_POOL else route.provider,
                 at_least=prompt + minimum,
                 at_most=prompt + allowance,
                 now=now,

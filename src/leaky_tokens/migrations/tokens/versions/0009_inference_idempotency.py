@@ -1,7 +1,7 @@
 """tokens: Idempotency-Key records of /v1 inference (issue 12)
 
 Revision ID: tokens_0009
-Revises: tokens_0004
+Revises: tokens_0008
 Create Date: 2026-12-04
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 from leaky_tokens.shared.database import UtcDateTime
 
 revision: str = "tokens_0009"
-down_revision: str | None = "tokens_0004"
+down_revision: str | None = "tokens_0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
