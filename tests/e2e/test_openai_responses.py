@@ -5,6 +5,7 @@ for OpenAI, translated for Qwen and Gemini) and idempotent inference, each charg
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import threading
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import agents  # the OpenAI Agents SDK (openai-agents, a dev dependency)
 import httpx
 import openai
 import pytest
@@ -454,3 +456,42 @@ def poll_until(condition: Callable[[], bool], what: str, deadline: float = 30.0)
     while not condition():
         assert time.monotonic() - started < deadline, f"timed out waiting until {what}"
         time.sleep(0.05)
+
+
+# --- the OpenAI Agents SDK ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["openai", "qwen"])
+def test_a_one_tool_agent_of_the_agents_sdk_runs_through_the_gateway_charged_exactly(
+    system: Stack, tenant: Tenant, provider: str
+) -> None:
+    agents.set_tracing_disabled(True)  # no trace export to the real OpenAI
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"It is sunny in {city}."
+
+    async def run() -> Any:
+        client = openai.AsyncOpenAI(
+            base_url=system.url("gateway") + "/v1", api_key=tenant.key["rawKey"]
+        )
+        try:
+            agent = agents.Agent(
+                name="weather",
+                instructions="Answer weather questions; use the tool.",
+                tools=[get_weather],
+                model=agents.OpenAIResponsesModel(model=CHAT[provider], openai_client=client),
+            )
+            return await agents.Runner.run(agent, "What is the weather in Paris?")
+        finally:
+            await client.close()
+
+    before = tenant.remaining(provider)
+    result = asyncio.run(run())
+    assert isinstance(result.final_output, str)
+    assert result.final_output
+    usage = result.context_wrapper.usage
+    assert usage.requests >= 1
+    assert usage.input_tokens > 0
+    assert before - tenant.remaining(provider) == usage.total_tokens
