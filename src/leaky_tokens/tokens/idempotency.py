@@ -148,6 +148,23 @@ class IdempotencyKeys:
         owner = uuid.uuid4()
         ttl = timedelta(seconds=self.settings.idempotency_ttl_seconds)
         lease = timedelta(seconds=self.settings.idempotency_lease_seconds)
+        # A replay (the common retry) reads only: no write transaction, no SQLite write lock.
+        now = self.clock.now()
+        async with self.database.read() as session:
+            seen = await IdempotencyRepository(session).get(scope, hashed)
+        if seen is not None and seen.expires_at > now:
+            if seen.fingerprint != fingerprint:
+                raise IdempotencyKeyReused()
+            if seen.state == COMPLETED:
+                return Replay(
+                    seen.status_code or 200,
+                    seen.content_type or "application/json",
+                    seen.body or b"",
+                )
+            if seen.lease_until > now:
+                raise IdempotencyInFlight(
+                    headers={"Retry-After": "1", "retry-after-ms": str(RETRY_AFTER_MS)}
+                )
         for _ in range(3):  # a row deleted between our insert and read: try again
             now = self.clock.now()
             async with self.database.connection() as conn:
