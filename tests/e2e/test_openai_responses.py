@@ -266,6 +266,43 @@ def test_a_streamed_response_sends_the_typed_events_and_is_charged_exactly(
     assert before - tenant.remaining(provider) == final.usage.total_tokens
 
 
+@pytest.mark.parametrize("provider", ["openai", "qwen"])
+def test_a_responses_stream_its_client_leaves_is_charged_its_input_and_what_was_streamed(
+    gateway: httpx.Client, admin: Account, sdk: SdkFactory, tenant: Tenant, provider: str
+) -> None:
+    client = sdk(tenant)
+    full = None
+    for take in range(30):  # a natural answer of many chunks (the stubs are deterministic)
+        prompt = f"Tell me a story about gateways, take {take}."
+        answer = client.responses.create(model=CHAT[provider], input=prompt)
+        assert answer.usage is not None
+        if answer.usage.output_tokens >= 32:
+            full = answer.usage
+            break
+    assert full is not None
+    slow = Faults(gateway, admin, provider)
+    slow.set(chunkDelayMs=250)  # the client surely leaves before the answer is over
+    try:
+        before = tenant.remaining(provider)
+        stream = client.responses.create(model=CHAT[provider], input=prompt, stream=True)
+        deltas = 0
+        for event in stream:
+            deltas += event.type == "response.output_text.delta"
+            if deltas == 2:
+                break
+        stream.close()  # the client leaves mid-answer
+
+        def charged() -> int:
+            return before - tenant.remaining(provider)
+
+        # While the stream is open its reservation (input + the model's output limit) is
+        # held; once the client is gone the call settles to the input plus what was streamed.
+        poll_until(lambda: charged() < full.total_tokens, "the abandoned stream is settled")
+        assert full.input_tokens < charged() < full.total_tokens
+    finally:
+        slow.clear()
+
+
 def test_responses_errors_are_the_sdks_exceptions_and_charge_nothing(
     sdk: SdkFactory, tenant: Tenant
 ) -> None:
@@ -285,6 +322,38 @@ def test_responses_errors_are_the_sdks_exceptions_and_charge_nothing(
         assert tenant.remaining(provider) == 100_000
 
 
+def test_embeddings_and_responses_reach_the_per_model_report(
+    gateway: httpx.Client, sdk: SdkFactory, tenant: Tenant
+) -> None:
+    client = sdk(tenant)
+    embedded = client.embeddings.create(model="gemini-embedding-001", input=TEXTS)
+    response = client.responses.create(model="gemini-2.5-flash", input="Hello!")
+    assert response.usage is not None
+    wanted = {"gemini-embedding-001", "gemini-2.5-flash"}
+    rows: dict[str, Any] = {}
+
+    def reported() -> bool:
+        answer = gateway.get(
+            "/api/v1/analytics/report",
+            params={"provider": "gemini", "byModel": "true", "windowMinutes": 60},
+            headers=tenant.account.bearer,
+        )
+        assert answer.status_code == 200, answer.text
+        rows.clear()
+        rows.update({m["model"]: m for m in answer.json()["byModel"]})
+        return wanted <= rows.keys()
+
+    poll_until(reported, "both calls are in the report")
+    embedder = rows["gemini-embedding-001"]
+    assert embedder["promptTokens"] == embedded.usage.prompt_tokens
+    assert embedder["completionTokens"] == 0
+    assert embedder["allowedTokens"] == embedded.usage.prompt_tokens
+    chat = rows["gemini-2.5-flash"]
+    assert chat["promptTokens"] == response.usage.input_tokens
+    assert chat["completionTokens"] == response.usage.output_tokens
+    assert chat["p50LatencyMs"] is not None
+
+
 # --- idempotent inference --------------------------------------------------------------------
 
 
@@ -296,22 +365,23 @@ class Faults:
     """The OpenAI stub's faults, set by an ADMIN through the gateway. `remainingCalls` counts
     the provider calls that reached the stub while they are set."""
 
-    def __init__(self, gateway: httpx.Client, admin: Account) -> None:
+    def __init__(self, gateway: httpx.Client, admin: Account, provider: str = "openai") -> None:
         self.gateway, self.admin = gateway, admin
+        self.path = f"/api/v1/{provider}/faults"
 
     def set(self, **faults: object) -> None:
-        answer = self.gateway.put("/api/v1/openai/faults", headers=self.admin.bearer, json=faults)
+        answer = self.gateway.put(self.path, headers=self.admin.bearer, json=faults)
         assert answer.status_code == 200, answer.text
 
     def remaining_calls(self) -> int:
         """Calls the faults still apply to; 0 once used up (the stub then clears them)."""
-        answer = self.gateway.get("/api/v1/openai/faults", headers=self.admin.bearer)
+        answer = self.gateway.get(self.path, headers=self.admin.bearer)
         assert answer.status_code == 200, answer.text
         value: int | None = answer.json()["remainingCalls"]
         return value or 0
 
     def clear(self) -> None:
-        self.gateway.delete("/api/v1/openai/faults", headers=self.admin.bearer)
+        self.gateway.delete(self.path, headers=self.admin.bearer)
 
 
 @pytest.fixture
