@@ -230,6 +230,9 @@ class InferenceSettings(BaseModel):
     idempotency_sweep_seconds: float = Field(60.0, gt=0)
     # Stored answers larger than this are not kept (the call still succeeds; a replay re-runs).
     idempotency_max_answer_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # How long `GET /v1/responses/{id}` passes on to OpenAI for the caller that created the
+    # (stored) response; OpenAI itself keeps stored responses 30 days.
+    stored_response_ttl_seconds: float = Field(30 * 86_400.0, gt=0)
 
     @field_validator("providers")
     @classmethod

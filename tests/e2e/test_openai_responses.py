@@ -303,6 +303,33 @@ def test_a_responses_stream_its_client_leaves_is_charged_its_input_and_what_was_
         slow.clear()
 
 
+def test_a_stored_openai_response_is_retrieved_by_its_creator_only(
+    gateway: httpx.Client, admin: Account, sdk: SdkFactory, tenant: Tenant
+) -> None:
+    client = sdk(tenant)
+    plain = client.responses.create(model="gpt-4o-mini", input="Remember me.")
+    streamed = list(client.responses.create(model="gpt-4o-mini", input="Me too.", stream=True))
+    streamed_id = streamed[-1].response.id
+    for created in (plain.id, streamed_id):
+        found = client.responses.retrieve(created)
+        assert found.id == created
+        assert found.model == "gpt-4o-mini"
+    assert client.responses.retrieve(plain.id).output_text == plain.output_text
+    before = tenant.remaining("openai")
+    client.responses.retrieve(plain.id)
+    assert tenant.remaining("openai") == before  # reading is free
+
+    stranger = sdk(Tenant(gateway, admin), max_retries=0)
+    with pytest.raises(openai.NotFoundError) as foreign:
+        stranger.responses.retrieve(plain.id)
+    assert foreign.value.code == "response_not_found"
+    unstored = client.responses.create(model="gpt-4o-mini", input="Forget me.", store=False)
+    translated = client.responses.create(model="qwen-turbo", input="Hello.")
+    for missing in (unstored.id, translated.id):
+        with pytest.raises(openai.NotFoundError):
+            sdk(tenant, max_retries=0).responses.retrieve(missing)
+
+
 def test_responses_errors_are_the_sdks_exceptions_and_charge_nothing(
     sdk: SdkFactory, tenant: Tenant
 ) -> None:
@@ -315,9 +342,9 @@ def test_responses_errors_are_the_sdks_exceptions_and_charge_nothing(
     with pytest.raises(openai.BadRequestError) as embedder:
         client.responses.create(model="text-embedding-v3", input="hello")
     assert embedder.value.param == "model"
-    with pytest.raises(openai.NotFoundError) as stored:
+    with pytest.raises(openai.NotFoundError) as unknown:
         client.responses.retrieve("resp_123")
-    assert stored.value.code == "response_not_found"
+    assert unknown.value.code == "response_not_found"
     for provider in CHAT:
         assert tenant.remaining(provider) == 100_000
 

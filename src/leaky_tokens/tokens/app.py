@@ -137,9 +137,14 @@ def create_tokens_app(
         app.state.embedding_service = EmbeddingService(
             inference, EmbeddingAdapters.from_settings(settings, provider_http)
         )
-        app.state.responses_service = ResponsesService(
-            inference, endpoints_from_settings(settings)["openai"], provider_http
+        responses = ResponsesService(
+            inference,
+            endpoints_from_settings(settings)["openai"],
+            provider_http,
+            database,
+            the_clock,
         )
+        app.state.responses_service = responses
         idempotency_keys = IdempotencyKeys(database, settings.inference, the_clock)
         app.state.idempotency_keys = idempotency_keys
         flags = FeatureFlags(database, the_clock)
@@ -169,6 +174,7 @@ def create_tokens_app(
             ),
             asyncio.create_task(orchestrator.run_forever()),
             asyncio.create_task(idempotency_keys.sweep_forever(), name="idempotency-sweeper"),
+            asyncio.create_task(responses.sweep_forever(), name="stored-response-sweeper"),
         ]
         # outbox -> analytics (issue 5)
         metrics_registry = app.state.metrics.registry

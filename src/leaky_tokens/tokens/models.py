@@ -250,3 +250,18 @@ class IdempotencyRecord(TokensBase):
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class StoredResponse(TokensBase):
+    """A Response the provider stores (OpenAI's `store`, on by default), and whose it is: the
+    provider's store sits behind the gateway's one upstream key, so `GET /v1/responses/{id}`
+    is passed on only for the caller that created it (issue 12)."""
+
+    __tablename__ = "inference_response"
+    __table_args__ = (Index("ix_inference_response_expires_at", "expires_at"),)
+
+    response_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))  # "user:<id>"
+    model: Mapped[str] = mapped_column(String(128))  # the catalogue id the caller used
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
 import orjson
 
+from leaky_tokens.shared.clock import Clock
+from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.principal import Principal
 from leaky_tokens.shared.tokenizer import message_text
 from leaky_tokens.tokens.inference.adapters import (
@@ -40,15 +44,18 @@ from leaky_tokens.tokens.inference.adapters import (
     sse_data,
 )
 from leaky_tokens.tokens.inference.catalogue import Catalogue, ModelRoute
-from leaky_tokens.tokens.inference.errors import InvalidInferenceRequest
+from leaky_tokens.tokens.inference.errors import InvalidInferenceRequest, ResponseNotFound
 from leaky_tokens.tokens.inference.service import (
+    Admission,
     ChatRequest,
     InferenceService,
     MeteredStream,
     provider_http_error,
 )
 from leaky_tokens.tokens.inference.wire import ChatCall, ProviderError, Usage, usage_from_openai
+from leaky_tokens.tokens.response_repository import StoredResponses
 
+log = logging.getLogger("leaky_tokens.tokens.inference.responses")
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 INPUT_ROLES = frozenset({"user", "system", "developer", "assistant"})
 
@@ -489,7 +496,19 @@ def sse_event(event: dict[str, Any]) -> bytes:
 
 class MeteredResponseStream(MeteredStream):
     """MeteredStream's one settlement, over Responses events: text deltas are what a cut
-    stream is charged for, and the terminal event reaches the client only once settled."""
+    stream is charged for, and the terminal event reaches the client only once settled.
+    `completed(response)` runs (shielded) once the terminal response is known."""
+
+    def __init__(
+        self,
+        service: InferenceService,
+        admission: Admission,
+        stream: ChatStream,
+        *,
+        completed: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(service, admission, stream, include_usage=True)
+        self._completed = completed
 
     async def events(self) -> AsyncIterator[bytes]:
         sent = 0
@@ -515,6 +534,8 @@ class MeteredResponseStream(MeteredStream):
                     else:
                         self._outcome = "provider_failed"
                     await asyncio.shield(self._settle())
+                    if self._completed is not None and isinstance(response, dict):
+                        await asyncio.shield(self._completed(response))
                 sequence = event.get("sequence_number")
                 if isinstance(sequence, int):
                     sent = sequence + 1
@@ -536,13 +557,87 @@ class MeteredResponseStream(MeteredStream):
 # --- the service -----------------------------------------------------------------------------
 
 
+def owner_of(principal: Principal) -> str:
+    return f"user:{principal.user_id}"
+
+
 class ResponsesService:
-    def __init__(self, inference: InferenceService, openai: Endpoint, http: ProviderHttp) -> None:
+    def __init__(
+        self,
+        inference: InferenceService,
+        openai: Endpoint,
+        http: ProviderHttp,
+        database: Database,
+        clock: Clock,
+    ) -> None:
         self.inference = inference
         self.openai = openai
         self.http = http
+        self.database = database
+        self.clock = clock
         self.url = f"{openai.base_url}/responses"
         self.headers = {"authorization": f"Bearer {openai.api_key}", "accept": "*/*"}
+
+    # --- stored responses (OpenAI's store, passed on only to the caller that created one) ---
+
+    async def _remember(self, principal: Principal, request: ResponsesRequest, body: Any) -> None:
+        response_id = body.get("id") if isinstance(body, dict) else None
+        if not isinstance(response_id, str) or not response_id:
+            return
+        if body.get("store") is False or request.body.get("store") is False:
+            return
+        now = self.clock.now()
+        ttl = timedelta(seconds=self.inference.settings.stored_response_ttl_seconds)
+        try:
+            async with self.database.connection() as conn:
+                await StoredResponses(conn).remember(
+                    response_id[:128], owner_of(principal), request.route.id, now, now + ttl
+                )
+        except Exception:
+            log.exception("could not record a stored response's owner")
+
+    async def retrieve(self, principal: Principal, response_id: str) -> dict[str, Any]:
+        """The caller's own stored response, fetched from OpenAI; else 404."""
+        async with self.database.read() as db:
+            model = await StoredResponses(db).model_of(
+                response_id, owner_of(principal), self.clock.now()
+            )
+        if model is None:
+            raise ResponseNotFound(
+                f"Response with id '{response_id}' not found. Only responses created through "
+                "this gateway by you on a model that stores them (OpenAI, `store` not false) "
+                "can be retrieved.",
+                details=[{"field": "response_id", "message": "not found"}],
+            )
+        deadline = self._deadline()
+        try:
+            # The adapters' one pooled session (a GET: `send` only posts).
+            client = self.http._open()
+            async with asyncio.timeout_at(deadline):
+                answer = await client.get(f"{self.url}/{response_id}", headers=self.headers)
+            status, headers = answer.status, answer.headers
+            body = await self.http.read_json(answer, deadline)
+        except (TimeoutError, aiohttp.ClientError):
+            raise provider_http_error(
+                ProviderError("failed", "the provider is unreachable")
+            ) from None
+        except ProviderError as exc:
+            raise provider_http_error(exc) from None
+        if status == 404:
+            raise ResponseNotFound(f"Response with id '{response_id}' not found at the provider.")
+        if status != 200 or not isinstance(body, dict):
+            raise provider_http_error(openai_error_of(status, body, headers))
+        body["model"] = model
+        return body
+
+    async def sweep_forever(self) -> None:
+        while True:
+            try:
+                async with self.database.connection() as conn:
+                    await StoredResponses(conn).forget_expired(self.clock.now())
+            except Exception:
+                log.exception("stored response sweep failed")
+            await asyncio.sleep(self.inference.settings.idempotency_sweep_seconds)
 
     def _chat(self, request: ResponsesRequest) -> ChatRequest:
         return ChatRequest(
@@ -608,6 +703,7 @@ class ResponsesService:
                 outcome="completed",
                 response_id=str(body.get("id") or "") or None,
             )
+            await self._remember(principal, request, body)
             return body, admission.rate_limit_headers(charged)
         finally:
             if not admission.settled:
@@ -646,4 +742,11 @@ class ResponsesService:
         except BaseException:
             await asyncio.shield(inference._refund(admission, "ABANDONED", {}))
             raise
-        return MeteredResponseStream(inference, admission, stream, include_usage=True)
+
+        async def completed(response: dict[str, Any]) -> None:
+            await self._remember(principal, request, response)
+
+        native = request.route.provider == "openai"
+        return MeteredResponseStream(
+            inference, admission, stream, completed=completed if native else None
+        )

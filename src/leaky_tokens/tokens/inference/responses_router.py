@@ -12,7 +12,6 @@ from leaky_tokens.shared.principal import Principal
 from leaky_tokens.shared.request_context import current_request_id
 from leaky_tokens.tokens.idempotency import idempotent
 from leaky_tokens.tokens.inference.embeddings_router import json_body
-from leaky_tokens.tokens.inference.errors import ResponseNotFound
 from leaky_tokens.tokens.inference.responses import ResponsesService, parse_responses_request
 from leaky_tokens.tokens.inference.router import MeteredEventStream
 
@@ -42,11 +41,8 @@ async def _create(request: Request, principal: Principal, raw: bytes) -> Respons
 
 
 @router.get("/responses/{response_id}")
-async def get_response(response_id: str, _: CurrentPrincipal) -> Response:
-    """Stored responses are not kept by the gateway (a provider's store is shared by every
-    tenant behind one upstream key, so it cannot be exposed per caller): always a 404."""
-    raise ResponseNotFound(
-        f"Response with id '{response_id}' not found. This gateway does not store responses; "
-        "keep the answer of POST /v1/responses (or replay it with the same Idempotency-Key).",
-        details=[{"field": "response_id", "message": "not stored"}],
-    )
+async def get_response(response_id: str, request: Request, principal: CurrentPrincipal) -> Response:
+    """A response you created on a model whose provider stores it (OpenAI, `store` not false);
+    anyone else's, a translated one (Qwen, Gemini) or an unknown id: 404 `response_not_found`."""
+    body = await _service(request).retrieve(principal, response_id)
+    return Response(orjson.dumps(body), media_type="application/json")

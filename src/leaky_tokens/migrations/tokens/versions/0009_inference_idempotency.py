@@ -1,4 +1,4 @@
-"""tokens: Idempotency-Key records of /v1 inference (issue 12)
+"""tokens: Idempotency-Key records and stored-response owners of /v1 inference (issue 12)
 
 Revision ID: tokens_0009
 Revises: tokens_0008
@@ -34,8 +34,19 @@ def upgrade() -> None:
         sa.Column("expires_at", UtcDateTime(), nullable=False),
     )
     op.create_index("ix_inference_idempotency_expires_at", "inference_idempotency", ["expires_at"])
+    op.create_table(
+        "inference_response",
+        sa.Column("response_id", sa.String(128), primary_key=True),
+        sa.Column("owner", sa.String(64), nullable=False),
+        sa.Column("model", sa.String(128), nullable=False),
+        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("expires_at", UtcDateTime(), nullable=False),
+    )
+    op.create_index("ix_inference_response_expires_at", "inference_response", ["expires_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_inference_response_expires_at", "inference_response")
+    op.drop_table("inference_response")
     op.drop_index("ix_inference_idempotency_expires_at", "inference_idempotency")
     op.drop_table("inference_idempotency")
