@@ -142,10 +142,15 @@ async def fetch(
                 method, url, headers=headers, params=params, data=data, allow_redirects=False
             ) as response,
         ):
-            body = await response.content.read(max_bytes + 1)
-            if len(body) > max_bytes:
-                raise OutboundError("broken", "answer too large")
-            return OutboundResponse(response.status, body, dict(response.headers))
+            # read(n) answers with what has arrived so far, not the whole body: read to EOF.
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_any():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise OutboundError("broken", "answer too large")
+                chunks.append(chunk)
+            return OutboundResponse(response.status, b"".join(chunks), dict(response.headers))
     except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
         raise outbound_error(exc) from None
 
