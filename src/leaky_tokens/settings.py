@@ -31,6 +31,7 @@ SERVICES: tuple[str, ...] = ("gateway", "auth", "tokens", "analytics", "qwen", "
 PROVIDERS: tuple[str, ...] = ("openai", "qwen", "gemini")
 
 Port = int
+Exposure = Literal["open", "local", "internal", "off"]
 
 
 class Ports(BaseModel):
@@ -57,6 +58,11 @@ class Urls(BaseModel):
     openai: str = ""
 
 
+class LoginLimit(BaseModel):
+    attempts: int = Field(ge=1)
+    window_seconds: int = Field(ge=1, le=7 * 86400)
+
+
 class AuthSettings(BaseModel):
     database_url: str = ""
     jwt_issuer: str = "leaky-tokens"
@@ -64,12 +70,35 @@ class AuthSettings(BaseModel):
     signing_key_rotation_days: float = Field(30.0, gt=0)
     signing_key_refresh_seconds: float = Field(30.0, gt=0)
     password_min_length: int = Field(8, ge=4, le=128)
+    # Refuse the N commonest passwords of the shipped list (auth/common-passwords.txt.gz,
+    # 19,640 entries, commonest first); 0 refuses none. The plan registers with "password123",
+    # number 452 on the list, so the default stops short of it: see README, "Security model".
+    password_refuse_commonest: int = Field(100, ge=0, le=20_000)
     argon2_time_cost: int = Field(2, ge=1)
     argon2_memory_kib: int = Field(19456, ge=1024)
     argon2_parallelism: int = Field(1, ge=1)
-    login_max_failures_per_account: int = Field(5, ge=1)
-    login_max_failures_per_client: int = Field(20, ge=1)
-    login_failure_window_seconds: int = Field(900, ge=1)
+    # Login throttling counts every attempt before the password is checked (atomically, in the
+    # shared fixed-window limiter), so concurrent guesses cannot race past a limit:
+    # - per client address (as the edge established it: `trusted_proxies`);
+    # - per account, from addresses it never logged in from, in widening windows: a back-off
+    #   that slows a guesser to a few tries a minute, then fewer an hour, then a day;
+    # - per (account, address it logged in from before): the owner's own window, which the
+    #   guesser's failures elsewhere never fill, so an attack does not lock the owner out.
+    login_max_attempts_per_client: int = Field(60, ge=1)
+    login_client_window_seconds: int = Field(900, ge=1, le=86400)
+    login_account_limits: list[LoginLimit] = Field(
+        default_factory=lambda: [
+            LoginLimit(attempts=5, window_seconds=60),
+            LoginLimit(attempts=20, window_seconds=3600),
+            LoginLimit(attempts=100, window_seconds=86400),
+        ],
+        min_length=1,
+    )
+    login_known_address_limit: LoginLimit = LoginLimit(attempts=10, window_seconds=60)
+    # Registrations refused because the username or email exists, per client address: past
+    # this, 429 (probing which accounts exist costs time).
+    registration_conflicts_per_client: int = Field(10, ge=1)
+    registration_conflict_window_seconds: int = Field(3600, ge=1, le=86400)
     # Active (neither revoked nor expired) API keys one user may hold at once.
     max_active_api_keys_per_user: int = Field(10, ge=1, le=10_000)
     # Signing keys are stored encrypted (PKCS#8, the `cryptography` library's best available
@@ -100,6 +129,9 @@ class AuthClientSettings(BaseModel):
     # or, with REDIS_URL, its pub/sub announcement says so; this is the least time between two
     # reads of the feed (and the wait before asking again when it cannot be read).
     revocation_poll_seconds: float = Field(0.3, gt=0, le=60)
+    # While the feed cannot be read, bearer tokens are checked against the principal changes
+    # already known for this long, then refused (503) until the feed answers again.
+    feed_grace_seconds: float = Field(10.0, ge=0, le=3600)
 
 
 class TokensSettings(BaseModel):
@@ -488,6 +520,11 @@ class Settings(BaseSettings):
     admin_username: str = ""
     admin_password: str = ""
     admin_email: str = ""
+    # Who may read each service's /metrics and its API docs (/docs, /redoc, /openapi.json):
+    # "open" anyone; "local" loopback peers, others with X-Internal-Token; "internal" only with
+    # X-Internal-Token; "off" not served. /health stays open (load balancers need it).
+    metrics_exposure: Exposure = "local"
+    docs_exposure: Exposure = "local"
     # Peers (IPs or CIDRs) whose X-Forwarded-For is believed, by the gateway for its clients'
     # addresses and by the auth service's login throttle: the gateway and any load balancer in
     # front. The default believes loopback only (the all-in-one gateway calls auth from there).

@@ -27,9 +27,15 @@ async def auth(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[AuthClient]:
     directory = tmp_path_factory.mktemp("auth")
-    # Many tests share this service's one client address; only throttling tests count failures.
+    # Many tests share this service's one client address; only throttling tests count attempts
+    # (and registration conflicts).
     async with (
         fresh_database(request.param, directory) as url,
-        running_auth(url, directory, login_max_failures_per_client=10_000) as client,
+        running_auth(
+            url,
+            directory,
+            login_max_attempts_per_client=10_000,
+            registration_conflicts_per_client=10_000,
+        ) as client,
     ):
         yield client

@@ -279,7 +279,9 @@ async def test_validating_a_key_answers_its_owner(auth: AuthClient) -> None:
         "orgIds": [],
         "orgId": None,
         "sessionId": None,
+        "feedSeq": body["feedSeq"],  # the principal-change feed's cursor (an int)
     }
+    assert isinstance(body["feedSeq"], int)
     assert _parse(body["expiresAt"]) == expires
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import jwt
 import pytest
@@ -22,6 +25,7 @@ from tests.auth.auth_harness import (
     running_auth,
     unique,
 )
+from tests.backends import REDIS_URL, need_redis
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -41,8 +45,9 @@ def _new_ip() -> str:
 async def throttled(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[AuthClient]:
-    """An auth service on a fake clock that throttles after 3 failures per account and 5 per
-    client in 600 s. Shared by the throttling tests: each uses its own accounts and address."""
+    """An auth service on a fake clock that throttles after 3 attempts per account (from
+    addresses it never logged in from) and 5 per client in 600 s. Shared by the throttling
+    tests: each uses its own accounts and address."""
     directory = tmp_path_factory.mktemp("throttled")
     async with (
         fresh_database(request.param, directory) as url,
@@ -50,9 +55,9 @@ async def throttled(
             url,
             directory,
             clock=now_clock(),
-            login_max_failures_per_account=3,
-            login_max_failures_per_client=5,
-            login_failure_window_seconds=600,
+            login_account_limits=[{"attempts": 3, "window_seconds": 600}],
+            login_max_attempts_per_client=5,
+            login_client_window_seconds=600,
         ) as auth,
     ):
         yield auth
@@ -180,13 +185,13 @@ async def test_an_empty_password_is_rejected_as_invalid(auth: AuthClient) -> Non
     assert [d["field"] for d in body["details"]] == ["password"]
 
 
-async def test_an_account_is_throttled_after_max_failures_even_with_the_right_password(
+async def test_an_account_is_throttled_after_max_attempts_even_with_the_right_password(
     throttled: AuthClient,
 ) -> None:
     account, ip = await throttled.register(), _new_ip()
     await _fail(throttled, account, 3, ip)
 
-    response = await throttled.login(account.username, PASSWORD, client_ip=ip)
+    response = await throttled.login(account.username, PASSWORD, client_ip=_new_ip())
 
     body = assert_error(response, 429, "LOGIN_THROTTLED")
     assert response.headers["retry-after"] == "600"
@@ -194,7 +199,7 @@ async def test_an_account_is_throttled_after_max_failures_even_with_the_right_pa
     assert "try again later" in body["message"]
 
 
-async def test_retry_after_counts_down_with_the_failure_window(throttled: AuthClient) -> None:
+async def test_retry_after_counts_down_with_the_window(throttled: AuthClient) -> None:
     assert throttled.clock is not None
     account, ip = await throttled.register(), _new_ip()
     await _fail(throttled, account, 3, ip)
@@ -206,9 +211,7 @@ async def test_retry_after_counts_down_with_the_failure_window(throttled: AuthCl
     assert response.headers["retry-after"] == "350"
 
 
-async def test_the_throttle_lifts_when_the_failure_window_has_passed(
-    throttled: AuthClient,
-) -> None:
+async def test_the_throttle_lifts_when_the_window_has_passed(throttled: AuthClient) -> None:
     assert throttled.clock is not None
     account, ip = await throttled.register(), _new_ip()
     await _fail(throttled, account, 3, ip)
@@ -219,17 +222,52 @@ async def test_the_throttle_lifts_when_the_failure_window_has_passed(
     assert response.status_code == 200, response.text
 
 
-async def test_a_success_before_the_limit_resets_the_account_counter(
+async def test_the_owner_at_an_address_it_logged_in_from_escapes_the_accounts_back_off(
     throttled: AuthClient,
 ) -> None:
-    account = await throttled.register()
-    await _fail(throttled, account, 2, _new_ip())
-    assert (await throttled.login(account.username, PASSWORD, client_ip=_new_ip())).is_success
+    account, home = await throttled.register(), _new_ip()
+    assert (await throttled.login(account.username, PASSWORD, client_ip=home)).is_success
+    await _fail(throttled, account, 2, _new_ip())  # the account's window is full now (3)
 
-    await _fail(throttled, account, 2, _new_ip())
-    response = await throttled.login(account.username, PASSWORD, client_ip=_new_ip())
+    guess = await throttled.login(account.username, "another-guess", client_ip=_new_ip())
+    owner = await throttled.login(account.username, PASSWORD, client_ip=home)
 
-    assert response.status_code == 200, response.text
+    assert_error(guess, 429, "LOGIN_THROTTLED")  # not evaluated
+    assert owner.status_code == 200, owner.text  # not locked out: no hard 15-minute lock
+
+
+async def test_the_owner_logging_in_often_at_home_is_never_throttled(
+    throttled: AuthClient,
+) -> None:
+    account, home = await throttled.register(), _new_ip()
+    answers = [await throttled.login(account.username, PASSWORD, client_ip=home) for _ in range(25)]
+
+    assert [r.status_code for r in answers] == [200] * 25
+
+
+async def test_guesses_at_home_get_only_the_known_addresss_window(throttled: AuthClient) -> None:
+    account, home = await throttled.register(), _new_ip()
+    assert (await throttled.login(account.username, PASSWORD, client_ip=home)).is_success
+
+    guesses = [await throttled.login(account.username, "guess", client_ip=home) for _ in range(11)]
+
+    assert [r.status_code for r in guesses] == [401] * 10 + [429]
+
+
+async def test_the_address_an_account_was_registered_from_counts_as_its_owners(
+    throttled: AuthClient,
+) -> None:
+    home = _new_ip()
+    response = await throttled.http.post(
+        "/api/v1/auth/register",
+        json={"username": (name := unique()), "email": f"{name}@example.com", "password": PASSWORD},
+        headers={"X-Forwarded-For": home},
+    )
+    assert response.status_code == 201, response.text
+    for _ in range(3):
+        await throttled.login(name, "wrong-password", client_ip=_new_ip())
+
+    assert (await throttled.login(name, PASSWORD, client_ip=home)).status_code == 200
 
 
 async def test_throttling_one_account_leaves_other_accounts_alone(throttled: AuthClient) -> None:
@@ -250,14 +288,14 @@ async def test_unknown_usernames_are_throttled_like_real_ones(throttled: AuthCli
     assert_error(await throttled.login(ghost, "guess", client_ip=ip), 429, "LOGIN_THROTTLED")
 
 
-async def test_a_client_is_throttled_after_max_failures_across_accounts(
+async def test_a_client_is_throttled_after_max_attempts_across_accounts(
     throttled: AuthClient,
 ) -> None:
     attacker, elsewhere = _new_ip(), _new_ip()
     accounts = [await throttled.register() for _ in range(3)]
     await _fail(throttled, accounts[0], 2, attacker)
     await _fail(throttled, accounts[1], 2, attacker)
-    await _fail(throttled, accounts[2], 1, attacker)  # 5 failures from one client
+    await _fail(throttled, accounts[2], 1, attacker)  # 5 attempts from one client
 
     from_attacker = await throttled.login(accounts[2].username, PASSWORD, client_ip=attacker)
     from_elsewhere = await throttled.login(accounts[2].username, PASSWORD, client_ip=elsewhere)
@@ -267,19 +305,20 @@ async def test_a_client_is_throttled_after_max_failures_across_accounts(
     assert from_elsewhere.status_code == 200, from_elsewhere.text
 
 
-async def test_a_successful_login_does_not_reset_the_client_counter(
+async def test_every_attempt_from_a_new_address_counts_toward_the_client_limit(
     throttled: AuthClient,
 ) -> None:
     ip = _new_ip()
-    accounts = [await throttled.register() for _ in range(3)]
+    accounts = [await throttled.register() for _ in range(4)]
     await _fail(throttled, accounts[0], 2, ip)
     await _fail(throttled, accounts[1], 2, ip)
     assert (await throttled.login(accounts[2].username, PASSWORD, client_ip=ip)).status_code == 200
-    await _fail(throttled, accounts[2], 1, ip)
 
-    response = await throttled.login(accounts[2].username, PASSWORD, client_ip=ip)
+    spraying = await throttled.login(accounts[3].username, PASSWORD, client_ip=ip)
+    home = await throttled.login(accounts[2].username, PASSWORD, client_ip=ip)
 
-    assert_error(response, 429, "LOGIN_THROTTLED")
+    assert_error(spraying, 429, "LOGIN_THROTTLED")  # 5 attempts at accounts new to this address
+    assert home.status_code == 200, home.text  # for accounts[2] it is home now
 
 
 async def test_replicas_share_login_throttling_through_redis(
@@ -287,7 +326,7 @@ async def test_replicas_share_login_throttling_through_redis(
 ) -> None:
     # Redis outlives the test run: an address no other run would pick.
     username, ip = unique(), f"fd00::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
-    settings = {"login_max_failures_per_account": 3, "login_failure_window_seconds": 60}
+    settings = {"login_account_limits": [{"attempts": 3, "window_seconds": 60}]}
     client = Redis.from_url(redis_url)
     try:
         async with (
@@ -303,7 +342,9 @@ async def test_replicas_share_login_throttling_through_redis(
             assert_error(response, 429, "LOGIN_THROTTLED")
             assert 1 <= int(response.headers["retry-after"]) <= 60
     finally:
-        await client.delete(f"lt:auth:login:acct:{username.lower()}", f"lt:auth:login:client:{ip}")
+        await client.delete(
+            f"lt:auth:login:acct:60:{username.lower()}", f"lt:auth:login:client:{ip}"
+        )
         await client.aclose()
 
 
@@ -323,14 +364,14 @@ async def test_an_untrusted_peer_is_counted_by_its_own_address_whatever_it_forwa
 
     rotated = await throttled.login(accounts[0].username, PASSWORD, client_ip=_new_ip(), peer=peer)
 
-    assert_error(rotated, 429, "LOGIN_THROTTLED")  # 5 failures per client: its own address
+    assert_error(rotated, 429, "LOGIN_THROTTLED")  # 5 attempts per client: its own address
 
 
 async def test_a_proxy_named_in_trusted_proxies_forwards_its_clients_addresses(
     start_auth: StartAuth,
 ) -> None:
     async with start_auth(
-        trusted_proxies=["198.51.100.0/24"], login_max_failures_per_client=2
+        trusted_proxies=["198.51.100.0/24"], login_max_attempts_per_client=2
     ) as auth:
         account = await auth.register()
         gateway, client, other = "198.51.100.10", "203.0.113.5", "203.0.113.6"
@@ -346,3 +387,108 @@ async def test_a_proxy_named_in_trusted_proxies_forwards_its_clients_addresses(
 
     assert_error(spoofed, 429, "LOGIN_THROTTLED")
     assert elsewhere.status_code == 200, elsewhere.text
+
+
+# -- an attack, concurrently (issue 10: 28 of 200 concurrent guesses evaluated against 5) -------
+
+ATTACK_LIMIT = 5
+
+
+@asynccontextmanager
+async def attacked_service(
+    backend: str, tmp_path: Path, redis_url: str | None
+) -> AsyncIterator[AuthClient]:
+    """Both shapes: SQLite with the in-memory limiter; PostgreSQL with the Redis limiter."""
+    async with (
+        fresh_database(backend, tmp_path) as url,
+        running_auth(
+            url,
+            tmp_path,
+            redis_url=redis_url or "",
+            # A long window: a slow machine cannot see it reset mid-attack.
+            login_account_limits=[{"attempts": ATTACK_LIMIT, "window_seconds": 3600}],
+            login_max_attempts_per_client=ATTACK_LIMIT,
+            login_client_window_seconds=3600,
+        ) as auth,
+    ):
+        yield auth
+
+
+def _shape(request: pytest.FixtureRequest) -> tuple[str, str | None]:
+    if request.param == "embedded":
+        return "sqlite", None
+    need_redis()
+    return "postgresql", REDIS_URL
+
+
+@pytest.fixture(params=["embedded", "distributed"])
+def shape(request: pytest.FixtureRequest) -> tuple[str, str | None]:
+    return _shape(request)
+
+
+def _random_address() -> str:
+    return f"fd00::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+
+
+async def _attack(auth: AuthClient, username: str, guesses: int) -> list[int]:
+    """`guesses` wrong passwords at once, each claiming another X-Forwarded-For."""
+
+    async def guess(i: int) -> int:
+        response = await auth.login(username, f"guess-{i}", client_ip=_random_address())
+        assert response.status_code in (401, 429), response.text
+        return response.status_code
+
+    return await asyncio.gather(*(guess(i) for i in range(guesses)))
+
+
+async def test_200_concurrent_guesses_with_rotating_addresses_evaluate_at_most_the_limit(
+    shape: tuple[str, str | None], tmp_path: Path
+) -> None:
+    backend, redis_url = shape
+    async with attacked_service(backend, tmp_path, redis_url) as auth:
+        account = await auth.register(unique("victim"))
+
+        statuses = await _attack(auth, account.username, 200)
+
+    evaluated = statuses.count(401)  # a password was checked; 429: refused before checking
+    assert 1 <= evaluated <= ATTACK_LIMIT, statuses
+    assert evaluated + statuses.count(429) == 200
+
+
+async def test_200_guesses_from_one_untrusted_peer_evaluate_at_most_the_client_limit(
+    shape: tuple[str, str | None], tmp_path: Path
+) -> None:
+    backend, redis_url = shape
+    async with attacked_service(backend, tmp_path, redis_url) as auth:
+        names = [unique("sprayed") for _ in range(200)]  # a different account each time
+        peer = _random_address()  # Redis outlives runs
+
+        async def guess(name: str) -> int:
+            response = await auth.login(name, "guess", client_ip=_new_ip(), peer=peer)
+            return response.status_code
+
+        statuses = await asyncio.gather(*(guess(n) for n in names))
+
+    assert 1 <= statuses.count(401) <= ATTACK_LIMIT, statuses
+    assert statuses.count(429) == 200 - statuses.count(401)
+
+
+async def test_the_owner_can_still_log_in_during_an_attack(
+    shape: tuple[str, str | None], tmp_path: Path
+) -> None:
+    backend, redis_url = shape
+    async with attacked_service(backend, tmp_path, redis_url) as auth:
+        account = await auth.register(unique("owner"))
+        home, stranger_ip = _random_address(), _random_address()  # Redis outlives runs
+        assert (await auth.login(account.username, PASSWORD, client_ip=home)).status_code == 200
+
+        attack = asyncio.ensure_future(_attack(auth, account.username, 200))
+        during = await auth.login(account.username, PASSWORD, client_ip=home)
+        statuses = await attack
+        after = await auth.login(account.username, PASSWORD, client_ip=home)
+        stranger = await auth.login(account.username, PASSWORD, client_ip=stranger_ip)
+
+    assert statuses.count(429) > 0  # the attack was throttled ...
+    assert during.status_code == 200, during.text  # ... and the owner got in meanwhile
+    assert after.status_code == 200, after.text
+    assert_error(stranger, 429, "LOGIN_THROTTLED")  # a new address waits out the back-off

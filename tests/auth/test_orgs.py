@@ -228,7 +228,9 @@ async def test_removing_a_member_answers_204_and_ends_their_membership(auth: Aut
     assert response.content == b""
     again = await auth.log_in(member.username, member.password)
     assert (await auth.me(again.headers)).json()["orgIds"] == []
-    assert (await auth.http.get(ORGS, headers=member.headers)).json()["items"] == []
+    assert (await auth.http.get(ORGS, headers=again.headers)).json()["items"] == []
+    # The token they held still names the org: refused from now on (see test_principal_changes)
+    assert_error(await auth.me(member.headers), 401, "AUTH_REVOKED_TOKEN")
     assert_error(await _remove(auth, org["orgId"], member.user_id, owner), 404, "USER_NOT_FOUND")
 
 

@@ -232,4 +232,16 @@ def test_other_errors_keep_the_envelope(gateway: httpx.Client) -> None:
         "INVALID_REQUEST",
     )
     taken = gateway.post("/v1/account/register", json={"name": agent.name})
-    failed(taken, 400, "USERNAME_TAKEN")
+    failed(taken, 400, "ACCOUNT_EXISTS")  # auth names no field (issue 10)
+    # refused at the gateway's edge, before the agent API runs: still its envelope
+    too_big = gateway.post(
+        "/v1/sessions",
+        headers={**agent.key, "content-type": "application/json"},
+        content=b" " * (2 * 1024 * 1024),
+    )
+    assert too_big.status_code == 413, too_big.text  # (no rate-limit headers: no key was read)
+    body = too_big.json()
+    assert body["success"] is False, body
+    assert body["data"] is None, body
+    assert body["error"]["code"] == "PAYLOAD_TOO_LARGE", body
+    assert body["meta"]["request_id"] == too_big.headers["x-request-id"], body

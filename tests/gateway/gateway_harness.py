@@ -193,6 +193,8 @@ def gateway_settings(
     proxies = gateway.pop("trusted_proxies", None)  # a root setting, shared with auth
     return Settings(
         access_log=False,
+        metrics_exposure="open",  # the harness's clients call from documentation addresses
+        docs_exposure="open",
         **({} if proxies is None else {"trusted_proxies": proxies}),
         internal_token=INTERNAL_TOKEN,
         redis_url=redis_url,

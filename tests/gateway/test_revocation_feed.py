@@ -37,7 +37,7 @@ async def auth(
     directory = tmp_path_factory.mktemp("revocations")
     async with (
         fresh_database(request.param, directory) as url,
-        running_auth(url, directory, login_max_failures_per_client=10_000) as client,
+        running_auth(url, directory, login_max_attempts_per_client=10_000) as client,
     ):
         yield client
 

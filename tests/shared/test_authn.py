@@ -215,7 +215,9 @@ async def test_an_api_key_is_validated_by_the_auth_service(
         method="api_key",
         api_key_id=uuid.UUID(key["id"]),
         username=account.username,
+        issued_seq=principal.issued_seq,  # the feed's cursor when it was answered
     )
+    assert isinstance(principal.issued_seq, int)
     assert transport.paths == [VALIDATE]
 
 

@@ -18,8 +18,10 @@ from leaky_tokens.shared.http import error_response, face_of
         ("/v1/models/openai/gpt-4o-mini", "openai"),
         ("/v1/responses", "openai"),
         ("/v1/no-such-thing", "openai"),
-        ("/v1/sessions/abc", "plan"),  # the agent API keeps its own envelope (issue 13)
-        ("/v1/health", "plan"),
+        ("/v1/sessions/abc", "agent"),  # the agent API keeps its own envelope (issue 13)
+        ("/v1/health", "agent"),
+        ("/v1/auth/token", "agent"),
+        ("/v1/s/credential/chat/completions", "openai"),  # a session's proxy is the OpenAI API
         ("/api/v1/tokens/consume", "plan"),
         ("/v10/chat", "plan"),
         ("/health", "plan"),
@@ -91,3 +93,18 @@ def test_the_plan_face_keeps_designs_body() -> None:
     _, _, body = _rendered("plan", 404, "NOT_FOUND", "no such route")
     assert {"message", "timestamp", "code", "requestId"} <= body.keys()
     assert "error" not in body
+
+
+def test_the_agent_face_renders_the_envelope_with_the_agent_code_table() -> None:
+    # Errors raised before the agent router answers (a 413 at the edge, say) keep its envelope.
+    status, headers, body = _rendered(
+        "agent", 401, "AUTH_REQUIRED", "no credential", headers={"Retry-After": "1"}
+    )
+    assert status == 401
+    assert headers["retry-after"] == "1"
+    assert body["success"] is False
+    assert body["data"] is None
+    assert body["error"] == {"code": "AUTH_INVALID_KEY", "message": "no credential"}
+    meta = body["meta"]
+    assert isinstance(meta, dict)
+    assert set(meta) == {"request_id", "timestamp"}

@@ -14,39 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from leaky_tokens.agents.upstreams import AgentError
-from leaky_tokens.shared.clock import SystemClock, utc_iso
 from leaky_tokens.shared.errors import AppError
-from leaky_tokens.shared.http import describe_validation_errors
-from leaky_tokens.shared.request_context import current_request_id
+from leaky_tokens.shared.http import agent_error_body, agent_meta, describe_validation_errors
 
 log = logging.getLogger("leaky_tokens.agents")
-_clock = SystemClock()
-
-# The code table (README, "Agent API"): the services' own codes folded into the ones the agent
-# spec names, so an agent has one short list to handle.
-CODE_TABLE: dict[str, str] = {
-    "AUTH_REQUIRED": "AUTH_INVALID_KEY",
-    "AUTH_INVALID_KEY": "AUTH_INVALID_KEY",
-    "AUTH_REVOKED_KEY": "AUTH_INVALID_KEY",
-    "AUTH_INVALID_TOKEN": "AUTH_INVALID_KEY",
-    "AUTH_EXPIRED_KEY": "AUTH_EXPIRED_TOKEN",
-    "AUTH_EXPIRED_TOKEN": "AUTH_EXPIRED_TOKEN",
-    "AUTH_INVALID_CREDENTIALS": "AUTH_INVALID_KEY",
-    "LOGIN_THROTTLED": "RATE_LIMITED",
-    "INSUFFICIENT_QUOTA": "INSUFFICIENT_BALANCE",
-    "SAGA_NOT_FOUND": "ORDER_NOT_FOUND",
-    "QUOTA_NOT_FOUND": "NOT_FOUND",
-    "WEAK_PASSWORD": "INVALID_REQUEST",
-    "TOKENS_EXCEED_CAPACITY": "INVALID_REQUEST",
-}
-
-
-def agent_code(code: str) -> str:
-    return CODE_TABLE.get(code, code)
-
-
-def meta() -> dict[str, str]:
-    return {"request_id": current_request_id() or "", "timestamp": utc_iso(_clock.now())}
 
 
 def _json(body: Any, status: int, headers: Mapping[str, str] | None) -> Response:
@@ -59,7 +30,9 @@ def _json(body: Any, status: int, headers: Mapping[str, str] | None) -> Response
 
 
 def ok(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return _json({"success": True, "data": data, "error": None, "meta": meta()}, status, headers)
+    return _json(
+        {"success": True, "data": data, "error": None, "meta": agent_meta()}, status, headers
+    )
 
 
 def paged(items: list[Any], pagination: Mapping[str, Any]) -> Response:
@@ -74,10 +47,7 @@ def fail(
     details: Sequence[Mapping[str, Any]] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    error: dict[str, Any] = {"code": agent_code(code), "message": message}
-    if details:
-        error["details"] = list(details)
-    return _json({"success": False, "data": None, "error": error, "meta": meta()}, status, headers)
+    return _json(agent_error_body(code, message, details), status, headers)
 
 
 async def _app_error(_: Request, exc: Exception) -> Response:

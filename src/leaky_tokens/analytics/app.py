@@ -13,7 +13,7 @@ from leaky_tokens.analytics.retention import Retention, RetentionConfig
 from leaky_tokens.analytics.router import router
 from leaky_tokens.analytics.service import AnalyticsService
 from leaky_tokens.settings import Settings
-from leaky_tokens.shared.app import build_service_app
+from leaky_tokens.shared.app import build_service_app, exposure_of
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
@@ -79,6 +79,7 @@ def create_analytics_app(
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,
+        exposure=exposure_of(settings),
     )
     metrics = AnalyticsMetrics(app.state.metrics.registry)
     return app

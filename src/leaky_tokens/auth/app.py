@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from leaky_tokens.auth.router import router
 from leaky_tokens.auth.service import AuthService
 from leaky_tokens.settings import Settings
-from leaky_tokens.shared.app import build_service_app
-from leaky_tokens.shared.authn import announce_revocation
+from leaky_tokens.shared.app import build_service_app, exposure_of
+from leaky_tokens.shared.authn import announce_principal_change, announce_revocation
 from leaky_tokens.shared.client_ip import TrustedProxies
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
@@ -29,6 +29,7 @@ from leaky_tokens.shared.rate_limit import (
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 
 log = logging.getLogger("leaky_tokens.auth")
+PRINCIPAL_REFRESH_SECONDS = 0.25
 
 
 class LocalAuthenticator:
@@ -42,6 +43,17 @@ class LocalAuthenticator:
 
     async def from_api_key(self, raw_key: str) -> Principal:
         return await self._service.principal_from_api_key(raw_key)
+
+
+async def _follow_principal_changes(service: AuthService) -> None:
+    """This replica's view of principal changes follows the feed (other replicas' changes
+    within a quarter second; its own are applied as they commit)."""
+    while True:
+        await asyncio.sleep(PRINCIPAL_REFRESH_SECONDS)
+        try:
+            await service.refresh_principal_changes()
+        except Exception:
+            log.exception("principal-change refresh failed")
 
 
 async def _refresh_keys_forever(service: AuthService, interval: float) -> None:
@@ -87,23 +99,29 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
         service = AuthService(database, settings.auth, service_clock, throttle)
         if redis is not None:
             service.announce_revocation = functools.partial(announce_revocation, redis)
+            service.announce_change = functools.partial(announce_principal_change, redis)
         async with resources:
             await service.ensure_signing_key()
+            await service.refresh_principal_changes()
             if settings.admin_username and settings.admin_password:
                 email = settings.admin_email or f"{settings.admin_username}@localhost.localdomain"
                 await service.ensure_admin(settings.admin_username, email, settings.admin_password)
             resources = resources.pop_all()
         app.state.auth_service = service
         app.state.authenticator = LocalAuthenticator(service)
-        refresher = asyncio.create_task(
-            _refresh_keys_forever(service, settings.auth.signing_key_refresh_seconds)
-        )
+        background = [
+            asyncio.create_task(
+                _refresh_keys_forever(service, settings.auth.signing_key_refresh_seconds)
+            ),
+            asyncio.create_task(_follow_principal_changes(service)),
+        ]
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await resources.aclose()
 
     return build_service_app(
@@ -114,4 +132,5 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,
+        exposure=exposure_of(settings),
     )

@@ -65,3 +65,16 @@ class CannotRemoveOwner(InvalidRequest):
 class TooManyApiKeys(Conflict):
     code = "API_KEY_LIMIT"
     default_message = "too many active API keys; revoke one first"
+
+
+class AccountExists(InvalidRequest):
+    # One answer whether the username or the email was taken: registration does not say
+    # which accounts exist (the plan's 400 is kept).
+    code = "ACCOUNT_EXISTS"
+    default_message = "username or email already exists"
+
+
+class RegistrationThrottled(AppError):
+    status = 429
+    code = "REGISTRATION_THROTTLED"
+    default_message = "too many registrations refused from this address; try again later"

@@ -135,6 +135,7 @@ class KeyRing:
         roles: list[str],
         org_ids: list[uuid.UUID],
         now: datetime,
+        feed_seq: int = 0,
     ) -> str:
         assert self._signing is not None, "key ring not loaded"
         kid, key = self._signing
@@ -147,6 +148,9 @@ class KeyRing:
             "iat": int(now.timestamp()),
             "exp": int((now + timedelta(seconds=self.ttl_seconds)).timestamp()),
             "jti": uuid.uuid4().hex,
+            # The principal-change feed's cursor when the claims above were read: a later
+            # change about this user or these orgs makes the token stale everywhere.
+            "fseq": feed_seq,
         }
         return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": kid})
 

@@ -56,14 +56,32 @@ AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class ApiKeyRevocation(AuthBase):
-    """The revocation feed: one row per revoked key, `seq` in commit order (revocations take a
-    lock), so a reader that remembers the last `seq` it saw misses none."""
+    """The revocation feed: one row per revoked key or changed principal (`kind`: api_key,
+    user, membership, role, org), `seq` in commit order (changes take a lock), so a reader that
+    remembers the last `seq` it saw misses none. (The table kept its first name.)"""
 
     __tablename__ = "api_key_revocation"
+    __table_args__ = (Index("ix_api_key_revocation_kind_at", "kind", "revoked_at"),)
 
     seq: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
-    api_key_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    kind: Mapped[str] = mapped_column(String(16), default="api_key", server_default="api_key")
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    org_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     revoked_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class LoginAddress(AuthBase):
+    """An address an account logged in from successfully: its owner there escapes the back-off
+    that failures from elsewhere put on the account."""
+
+    __tablename__ = "login_address"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("user_account.id", ondelete="CASCADE"), primary_key=True
+    )
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_success_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class SigningKey(AuthBase):

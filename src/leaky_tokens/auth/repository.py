@@ -6,8 +6,10 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import delete, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,11 +17,25 @@ from leaky_tokens.auth.jwt_tokens import KeyMaterial
 from leaky_tokens.auth.models import (
     ApiKey,
     ApiKeyRevocation,
+    LoginAddress,
     Organization,
     OrgMember,
     SigningKey,
     User,
 )
+from leaky_tokens.shared.principal_feed import PrincipalChange
+
+_CHANGE_COLUMNS = (
+    ApiKeyRevocation.seq,
+    ApiKeyRevocation.kind,
+    ApiKeyRevocation.user_id,
+    ApiKeyRevocation.org_id,
+    ApiKeyRevocation.api_key_id,
+)
+
+
+def _insert_for(session: AsyncSession) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 class DuplicateUser(Exception):
@@ -115,8 +131,16 @@ class AuthRepository:
         )
         return rows.scalars().all(), int(total or 0)
 
-    # the revocation feed
-    async def add_revocation(self, key_id: uuid.UUID, at: datetime) -> int:
+    # the revocation feed (API keys and principal changes)
+    async def add_change(
+        self,
+        kind: str,
+        at: datetime,
+        *,
+        api_key_id: uuid.UUID | None = None,
+        user_id: uuid.UUID | None = None,
+        org_id: uuid.UUID | None = None,
+    ) -> int:
         """Append to the feed; returns the row's `seq`. On PostgreSQL a transaction-scoped lock
         makes `seq` order commit order, so a reader past `seq` N never sees a smaller one later
         (SQLite has one writer at a time already)."""
@@ -125,22 +149,50 @@ class AuthRepository:
                 text("SELECT pg_advisory_xact_lock(:id)"),
                 {"id": zlib.crc32(b"leaky-tokens:api-key-revocations")},
             )
-        row = ApiKeyRevocation(api_key_id=key_id, revoked_at=at)
+        row = ApiKeyRevocation(
+            kind=kind, api_key_id=api_key_id, user_id=user_id, org_id=org_id, revoked_at=at
+        )
         self.session.add(row)
         await self.session.flush()
         return row.seq
 
-    async def revocations_after(self, seq: int, limit: int) -> list[tuple[int, uuid.UUID]]:
+    async def changes_after(self, seq: int, limit: int) -> list[PrincipalChange]:
         rows = await self.session.execute(
-            select(ApiKeyRevocation.seq, ApiKeyRevocation.api_key_id)
+            select(*_CHANGE_COLUMNS)
             .where(ApiKeyRevocation.seq > seq)
             .order_by(ApiKeyRevocation.seq)
             .limit(limit)
         )
-        return [(int(s), k) for s, k in rows.all()]
+        return [PrincipalChange(int(r[0]), r[1], r[2], r[3], r[4]) for r in rows.all()]
+
+    async def principal_changes_since(self, since: datetime, limit: int) -> list[PrincipalChange]:
+        """Changes of principals (not of API keys) made since `since`, oldest first."""
+        rows = await self.session.execute(
+            select(*_CHANGE_COLUMNS)
+            .where(ApiKeyRevocation.kind != "api_key", ApiKeyRevocation.revoked_at >= since)
+            .order_by(ApiKeyRevocation.seq)
+            .limit(limit)
+        )
+        return [PrincipalChange(int(r[0]), r[1], r[2], r[3], r[4]) for r in rows.all()]
 
     async def last_revocation_seq(self) -> int:
         return int(await self.session.scalar(select(func.max(ApiKeyRevocation.seq))) or 0)
+
+    # addresses that logged in
+    async def is_known_address(self, user_id: uuid.UUID, address: str) -> bool:
+        found = await self.session.get(LoginAddress, (user_id, address))
+        return found is not None
+
+    async def remember_address(self, user_id: uuid.UUID, address: str, at: datetime) -> None:
+        insert = _insert_for(self.session)
+        statement = insert(LoginAddress).values(
+            user_id=user_id, address=address, last_success_at=at
+        )
+        await self.session.execute(
+            statement.on_conflict_do_update(
+                index_elements=["user_id", "address"], set_={"last_success_at": at}
+            )
+        )
 
     # signing keys
     async def lock_signing_keys(self) -> None:

@@ -21,7 +21,9 @@ from leaky_tokens.auth.schemas import (
     OrgRead,
     PrincipalRead,
     RegisterRequest,
+    RolesUpdate,
     SessionRead,
+    UserRolesRead,
 )
 from leaky_tokens.auth.service import AuthService
 from leaky_tokens.shared.authn import CurrentPrincipal
@@ -68,7 +70,7 @@ async def health(request: Request) -> HealthRead:
 @router.post(f"{PREFIX}/register", status_code=status.HTTP_201_CREATED, tags=["accounts"])
 async def register(body: RegisterRequest, request: Request) -> SessionRead:
     service = _service(request)
-    issued = await service.register(body.username, body.email, body.password)
+    issued = await service.register(body.username, body.email, body.password, _client(request))
     user = issued.user
     return _session_body(service, user.id, user.username, issued.token, list(user.roles))
 
@@ -180,6 +182,7 @@ async def validate_api_key(
         org_ids=found.org_ids,
         org_id=found.key.org_id,
         session_id=found.key.session_id,
+        feed_seq=found.feed_seq,
     )
 
 
@@ -190,17 +193,23 @@ async def api_key_revocations(
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
     wait: Annotated[float, Query(ge=0, le=10)] = 0,
 ) -> dict[str, Any]:
-    """The revocation feed other services follow to drop cached API keys at once: key ids
-    revoked after cursor `after` (without it, just the current cursor); with `wait`, an empty
-    answer waits up to that many seconds for one (long poll). Internal: it needs the internal
-    token (X-Internal-Token), and the gateway does not route it."""
+    """The feed other services follow: API keys revoked and principals changed (`changes`:
+    `kind` user / membership / role / org, with the user or organisation) after cursor `after`;
+    without it, the current cursor and the principal changes recent enough to matter. With
+    `wait`, an empty answer waits up to that many seconds for news (long poll). Internal: it
+    needs the internal token (X-Internal-Token), and the gateway does not route it."""
     check_internal_token(
         request.app.state.internal_token.encode(), request.headers.get(INTERNAL_TOKEN_HEADER)
     )
-    cursor, key_ids, more = await _service(request).revocations_after(
+    page = await _service(request).feed_after(
         after, limit, wait_seconds=wait, gone=request.is_disconnected
     )
-    return {"cursor": cursor, "revokedKeyIds": [str(k) for k in key_ids], "hasMore": more}
+    return {
+        "cursor": page.cursor,
+        "revokedKeyIds": [str(c.api_key_id) for c in page.changes if c.kind == "api_key"],
+        "changes": [c.to_wire() for c in page.changes],
+        "hasMore": page.more,
+    }
 
 
 @router.delete(f"{PREFIX}/api-keys", status_code=status.HTTP_204_NO_CONTENT, tags=["api keys"])
@@ -261,6 +270,44 @@ async def add_member(
     return MemberRead(
         org_id=member.org_id, user_id=member.user_id, role=member.role, created_at=member.created_at
     )
+
+
+@router.post(
+    f"{PREFIX}/orgs/{{org_id}}/revoke-tokens",
+    status_code=status.HTTP_204_NO_CONTENT,
+    tags=["organisations"],
+)
+async def revoke_org_tokens(
+    org_id: uuid.UUID, request: Request, principal: CurrentPrincipal
+) -> Response:
+    """Every token naming the organisation, issued before now, stops working everywhere within
+    a second (members log in again). Its owner or an ADMIN."""
+    await _service(request).revoke_org_tokens(principal, org_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    f"{PREFIX}/users/{{user_id}}/revoke-tokens",
+    status_code=status.HTTP_204_NO_CONTENT,
+    tags=["accounts"],
+)
+async def revoke_user_tokens(
+    user_id: uuid.UUID, request: Request, principal: CurrentPrincipal
+) -> Response:
+    """Every token of the user, issued before now, stops working everywhere within a second.
+    The user themself or an ADMIN; API keys are revoked one by one."""
+    await _service(request).revoke_user_sessions(principal, user_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.put(f"{PREFIX}/admin/users/{{user_id}}/roles", tags=["accounts"])
+async def set_user_roles(
+    user_id: uuid.UUID, body: RolesUpdate, request: Request, principal: CurrentPrincipal
+) -> UserRolesRead:
+    """ADMIN: set a user's roles; their tokens issued before stop working (they carry the old
+    roles)."""
+    user = await _service(request).set_roles(principal, user_id, body.roles)
+    return UserRolesRead(user_id=user.id, username=user.username, roles=sorted(user.roles))
 
 
 @router.delete(

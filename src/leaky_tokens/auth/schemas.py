@@ -89,6 +89,19 @@ class ApiKeyValidation(ApiModel):
     org_ids: list[uuid.UUID]
     org_id: uuid.UUID | None = Field(None, description="The organisation the key charges")
     session_id: uuid.UUID | None = None
+    # The principal-change feed's cursor when this answer was read (a cached answer older than
+    # a change about its user or orgs is asked again).
+    feed_seq: int = 0
+
+
+class RolesUpdate(RequestModel):
+    roles: list[str] = Field(min_length=1, max_length=8)
+
+
+class UserRolesRead(ApiModel):
+    user_id: uuid.UUID
+    username: str
+    roles: list[str]
 
 
 class OrgCreate(RequestModel):

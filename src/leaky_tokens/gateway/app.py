@@ -27,7 +27,7 @@ from leaky_tokens.gateway.openai_face import INFERENCE_UPSTREAM, SERVED_BY
 from leaky_tokens.gateway.proxy import Upstream
 from leaky_tokens.gateway.routing import RouteTable
 from leaky_tokens.settings import GatewaySettings, Settings
-from leaky_tokens.shared.app import build_service_app
+from leaky_tokens.shared.app import build_service_app, exposure_of
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
@@ -176,6 +176,7 @@ def create_gateway_app(
         log_access=settings.access_log,
         clock=clock,
         faces=face_of,
+        exposure=exposure_of(settings),
     )
     edge = GatewayEdge(
         RouteTable(gateway),

@@ -74,6 +74,11 @@ class EdgeAuthenticator:
         known = self._verified.get(token)
         if known is not None:
             if known[0] > now:
+                # A remembered token is still checked against principal changes (membership,
+                # roles, revoked sessions): one in-memory lookup.
+                check = getattr(self.inner, "check_principal", None)
+                if check is not None:
+                    check(known[1])
                 return known[1]
             del self._verified[token]
         principal = await self.inner.from_bearer(token)  # raises for bad or expired tokens

@@ -25,7 +25,7 @@ from leaky_tokens.providers.openai_api import Dialect, OpenAiEmulator, build_ope
 from leaky_tokens.providers.router import DISPLAY_NAMES, build_router
 from leaky_tokens.providers.schemas import ProviderName
 from leaky_tokens.settings import StubSettings
-from leaky_tokens.shared.app import build_service_app
+from leaky_tokens.shared.app import Exposure, build_service_app
 from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.tokenizer import preload
 
@@ -51,9 +51,10 @@ def create_provider_app(
     log_access: bool = True,
     rng: random.Random | None = None,
     clock: Clock | None = None,
+    exposure: Exposure | None = None,
 ) -> FastAPI:
     """`internal_token` guards the fault controls; None: a random one nobody knows (read it
-    back from `app.state.internal_token`)."""
+    back from `app.state.internal_token`). `exposure`: who reads /metrics and the docs."""
     if provider not in DISPLAY_NAMES:
         raise ValueError(f"unknown provider {provider!r}")
     settings = settings or StubSettings()
@@ -95,6 +96,7 @@ def create_provider_app(
         ],
         lifespan=lifespan,
         log_access=log_access,
+        exposure=exposure,
     )
     app.state.internal_token = token
     app.add_exception_handler(ProviderApiError, provider_error_handler)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from leaky_tokens.settings import SERVICES, Settings
+from leaky_tokens.shared.app import exposure_of
 from leaky_tokens.shared.authn import RemoteAuthenticator
 from leaky_tokens.shared.events import resolve_internal_token
 
@@ -22,6 +23,7 @@ def remote_authenticator(settings: Settings) -> RemoteAuthenticator:
         # A revoked key stops working at once, whatever the cache time (ARCHITECTURE.md,
         # "Revocation is an event").
         revocation_poll_seconds=client.revocation_poll_seconds,
+        feed_grace_seconds=client.feed_grace_seconds,
         redis_url=settings.redis_url,
         internal_token=resolve_internal_token(settings.internal_token, settings.data_dir),
     )
@@ -61,6 +63,7 @@ def _provider(name: str) -> Callable[[Settings], FastAPI]:
             internal_token=resolve_internal_token(settings.internal_token, settings.data_dir),
             settings=settings.stubs,
             log_access=settings.access_log,
+            exposure=exposure_of(settings),
         )
 
     return build

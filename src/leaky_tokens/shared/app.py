@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,10 +19,70 @@ from leaky_tokens.shared.http import (
     EnvelopeMiddleware,
     Face,
     HttpMetrics,
+    error_response,
     install_error_handlers,
 )
 
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from leaky_tokens.settings import Settings
+
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+INTERNAL_HEADER = b"x-internal-token"  # shared/events.INTERNAL_TOKEN_HEADER, as ASGI sees it
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """Who may read /metrics and the API docs: "open", "local" (loopback peers; others with
+    the internal token), "internal" (the internal token only) or "off" (not served)."""
+
+    metrics: str = "open"
+    docs: str = "open"
+    internal_token: str = ""
+
+
+def exposure_of(settings: Settings) -> Exposure:
+    from leaky_tokens.shared.events import resolve_internal_token
+
+    guarded = {settings.metrics_exposure, settings.docs_exposure} & {"local", "internal"}
+    token = resolve_internal_token(settings.internal_token, settings.data_dir) if guarded else ""
+    return Exposure(settings.metrics_exposure, settings.docs_exposure, token)
+
+
+class _ExposureGuard:
+    """Answers 401 for a guarded path unless the peer or its X-Internal-Token may read it."""
+
+    def __init__(self, app: ASGIApp, *, paths: dict[str, str], token: str) -> None:
+        self.app = app
+        self._paths = paths
+        self._token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        mode = self._paths.get(scope["path"]) if scope["type"] == "http" else None
+        if mode is None or self._allowed(mode, scope):
+            await self.app(scope, receive, send)
+            return
+        await error_response(
+            401,
+            "AUTH_INVALID_INTERNAL_TOKEN",
+            "this endpoint needs X-Internal-Token",
+        )(scope, receive, send)
+
+    def _allowed(self, mode: str, scope: Scope) -> bool:
+        if mode == "local" and _is_loopback((scope.get("client") or ("", 0))[0]):
+            return True
+        offered = next((v for k, v in scope["headers"] if k == INTERNAL_HEADER), None)
+        return (
+            bool(self._token) and offered is not None and hmac.compare_digest(offered, self._token)
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_service_app(
@@ -32,10 +95,15 @@ def build_service_app(
     description: str = "",
     clock: Clock | None = None,
     faces: Callable[[str], Face] | None = None,
+    exposure: Exposure | None = None,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
     """`faces`: which API face each path belongs to (shared/http.py `face_of`), for services
-    that serve more than the plan's; None renders every error in the plan's shape."""
+    that serve more than the plan's; None renders every error in the plan's shape. `exposure`:
+    who may read /metrics and the docs (settings `metrics_exposure` / `docs_exposure`)."""
+    exposure = exposure or Exposure()
+    if exposure.docs == "off":
+        fastapi_kwargs |= {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
         title=title,
         version=__version__,
@@ -50,11 +118,26 @@ def build_service_app(
     for router in routers:
         app.include_router(router)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if exposure.metrics != "off":
+
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus_metrics() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: _openapi_with_our_errors(app, faces)  # type: ignore[method-assign]
+    guarded: dict[str, str] = {}
+    if exposure.metrics in ("local", "internal"):
+        guarded["/metrics"] = exposure.metrics
+    if exposure.docs in ("local", "internal"):
+        docs_paths = (
+            app.docs_url,
+            app.redoc_url,
+            app.openapi_url,
+            app.swagger_ui_oauth2_redirect_url,
+        )
+        guarded |= {path: exposure.docs for path in docs_paths if path}
+    if guarded:
+        app.add_middleware(_ExposureGuard, paths=guarded, token=exposure.internal_token)
     app.add_middleware(
         EnvelopeMiddleware,
         service=service,

@@ -33,6 +33,7 @@ from leaky_tokens.shared.errors import (
     InvalidApiKey,
     InvalidToken,
     RevokedApiKey,
+    RevokedToken,
     ServiceUnavailable,
 )
 from leaky_tokens.shared.events import INTERNAL_TOKEN_HEADER
@@ -44,6 +45,7 @@ from leaky_tokens.shared.jwt_verify import (
 )
 from leaky_tokens.shared.outbound import OutboundError, OutboundResponse, client_session, fetch
 from leaky_tokens.shared.principal import Principal
+from leaky_tokens.shared.principal_feed import PrincipalChange, PrincipalChanges
 from leaky_tokens.shared.redis import redis_client
 
 log = logging.getLogger("leaky_tokens.authn")
@@ -61,6 +63,12 @@ _RECENT_REVOCATIONS = 10_000
 async def announce_revocation(redis: Redis, seq: int, key_id: uuid.UUID) -> None:
     """Publish a committed revocation to every follower subscribed to Redis."""
     await redis.publish(REVOCATION_CHANNEL, orjson.dumps({"seq": seq, "apiKeyId": str(key_id)}))
+
+
+async def announce_principal_change(redis: Redis, seq: int, kind: str) -> None:
+    """Tell every follower subscribed to Redis that the feed has a principal change: they read
+    the feed at once (the message names no one)."""
+    await redis.publish(REVOCATION_CHANNEL, orjson.dumps({"seq": seq, "kind": kind}))
 
 
 class Authenticator(Protocol):
@@ -136,9 +144,13 @@ class RemoteAuthenticator:
         revocation_poll_seconds: float | None = None,
         redis_url: str = "",
         internal_token: str = "",
+        feed_grace_seconds: float = 10.0,
     ) -> None:
         """`revocation_poll_seconds` set: follow the revocation feed (and, with `redis_url`,
-        the pub/sub channel); None: cached key answers simply expire after their time."""
+        the pub/sub channel), so revoked keys and changed principals are refused within a
+        second; None: cached key answers simply expire after their time and bearer tokens are
+        checked by signature only. While the feed cannot be read, bearer tokens are still
+        accepted against the changes known for `feed_grace_seconds`, then refused (503)."""
         self._clock = clock or SystemClock()
         self._auth_url = auth_url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None  # opened on first use, in the loop
@@ -161,6 +173,9 @@ class RemoteAuthenticator:
         self._raw_by_key_id: dict[uuid.UUID, str] = {}
         self._recently_revoked: dict[uuid.UUID, None] = {}
         self._validating: dict[str, asyncio.Future[Principal]] = {}
+        self.changes = PrincipalChanges()
+        self._feed_read_at = float("-inf")  # monotonic time of the last good read of the feed
+        self._grace = feed_grace_seconds
 
     async def aclose(self) -> None:
         if self._follower is not None:
@@ -203,7 +218,22 @@ class RemoteAuthenticator:
             key = self._keys.get(kid)
             if key is None:
                 raise InvalidToken("bearer token signed by an unknown key")
-        return principal_from_claims(decode_token(token, key, self._issuer))
+        principal = principal_from_claims(decode_token(token, key, self._issuer))
+        if self._poll is not None and self._follower is None:
+            await self._start_following()
+        self.check_principal(principal)
+        return principal
+
+    def check_principal(self, principal: Principal) -> None:
+        """Refuse a bearer principal issued before a change about its user or organisations
+        (RevokedToken); one in-memory lookup, so callers that remember verified tokens (the
+        gateway) call it on every request."""
+        if self._poll is None:
+            return
+        if self.changes.is_stale(principal):
+            raise RevokedToken()
+        if not self._following and self._clock.monotonic() - self._feed_read_at > self._grace:
+            raise ServiceUnavailable("auth service unreachable: cannot confirm the session")
 
     async def _refresh_jwks(self) -> None:
         async with self._jwks_lock:
@@ -246,7 +276,9 @@ class RemoteAuthenticator:
         now = self._clock.monotonic()
         cached = self._key_cache.get(raw_key)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            if not self.changes.is_stale(cached[1]):
+                return cached[1]
+            self._key_cache.pop(raw_key, None)  # its user or orgs changed since: ask again
         # One question to the auth service per key at a time: when a busy key's cached answer
         # expires, the requests that arrive meanwhile wait for that one answer, not ask again.
         pending = self._validating.get(raw_key)
@@ -272,7 +304,7 @@ class RemoteAuthenticator:
             if self._validating.get(raw_key) is answer:
                 del self._validating[raw_key]
 
-    async def _validate(self, raw_key: str, now: float) -> Principal:
+    async def _validate(self, raw_key: str, now: float, *, retried: bool = False) -> Principal:
         if self._poll is not None and self._follower is None:
             await self._start_following()
         try:
@@ -300,7 +332,11 @@ class RemoteAuthenticator:
         if principal.api_key_id in self._recently_revoked:
             raise RevokedApiKey()  # revoked while the auth service was answering
         ttl = min(self._key_ttl, life)  # never cached past the key's own expiry
-        if ttl > 0 and (self._poll is None or self._following):
+        fresh = not self.changes.is_stale(principal)
+        if not fresh and not retried:
+            # Its user or orgs changed while the auth service was answering: ask once more.
+            return await self._validate(raw_key, now, retried=True)
+        if ttl > 0 and fresh and (self._poll is None or self._following):
             if len(self._key_cache) > 100_000:
                 self.forget_api_key()
             self._key_cache[raw_key] = (now + ttl, principal)
@@ -316,13 +352,14 @@ class RemoteAuthenticator:
         async with self._follow_lock:
             if self._follower is not None:
                 return
-            self._cursor, _, _ = await self._read_feed(None)
+            self._cursor, changes, _ = await self._read_feed(None)
+            self.changes.apply(changes)
             self._following = True
             self._follower = asyncio.create_task(self._follow(), name="api-key-revocations")
 
     async def _read_feed(
         self, after: int | None, wait: float = 0.0
-    ) -> tuple[int, list[uuid.UUID], bool]:
+    ) -> tuple[int, list[PrincipalChange], bool]:
         params: dict[str, float] = {} if after is None else {"after": after}
         if wait > 0:
             params["wait"] = wait
@@ -336,22 +373,28 @@ class RemoteAuthenticator:
             if response.status != 200:
                 raise ValueError(f"the feed answered {response.status}")
             body = orjson.loads(response.body)
-            return (
+            found = (
                 int(body["cursor"]),
-                [uuid.UUID(k) for k in body["revokedKeyIds"]],
+                [PrincipalChange.from_wire(c) for c in body["changes"]],
                 bool(body.get("hasMore")),
             )
         except (OutboundError, KeyError, ValueError, TypeError) as exc:
             raise ServiceUnavailable("auth service unreachable for the revocation feed") from exc
+        self._feed_read_at = self._clock.monotonic()
+        return found
 
     async def _catch_up(self, wait: float = 0.0) -> None:
         while True:
-            cursor, key_ids, more = await self._read_feed(self._cursor, wait)
+            cursor, changes, more = await self._read_feed(self._cursor, wait)
             if cursor < self._cursor:
-                # Not the feed we were following (a new auth database): trust nothing cached.
+                # Not the feed we were following (a new auth database): trust nothing cached,
+                # and start over from its recent principal changes.
                 self.forget_api_key()
+                self.changes.clear()
+                cursor, changes, more = await self._read_feed(None)
             self._cursor = cursor
-            self.forget_revoked(key_ids)
+            self.forget_revoked([c.api_key_id for c in changes if c.api_key_id is not None])
+            self.changes.apply(changes)
             if not more:
                 return
 
@@ -407,13 +450,19 @@ class RemoteAuthenticator:
             checked = loop.time()
             while True:
                 message = await pubsub.get_message(timeout=poll)
+                self._feed_read_at = self._clock.monotonic()  # the subscription is alive
                 if message is not None and message.get("type") == "message":
                     try:
-                        key_id = uuid.UUID(orjson.loads(message["data"])["apiKeyId"])
-                    except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
+                        announced = orjson.loads(message["data"])
+                        key_id = announced.get("apiKeyId")
+                        if key_id is not None:
+                            self.forget_revoked([uuid.UUID(key_id)])
+                    except (AttributeError, ValueError, TypeError, orjson.JSONDecodeError):
                         log.warning("ignoring an unreadable revocation message")
                     else:
-                        self.forget_revoked([key_id])
+                        if key_id is None:  # a principal change: the feed says whose
+                            await self._catch_up()
+                            checked = loop.time()
                 if loop.time() - checked >= _PUSHED_FEED_CHECK_SECONDS:
                     await self._catch_up()
                     checked = loop.time()
@@ -432,6 +481,7 @@ def principal_from_validation(body: dict[str, Any]) -> Principal:
         username=body.get("username"),
         key_org_id=uuid.UUID(body["orgId"]) if body.get("orgId") else None,
         session_id=uuid.UUID(body["sessionId"]) if body.get("sessionId") else None,
+        issued_seq=int(body.get("feedSeq", 0)),
     )
 
 

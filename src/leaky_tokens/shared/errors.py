@@ -62,6 +62,13 @@ class InvalidToken(Unauthenticated):
     default_message = "invalid bearer token"
 
 
+class RevokedToken(Unauthenticated):
+    code = "AUTH_REVOKED_TOKEN"
+    default_message = (
+        "this session was revoked (its account, memberships or roles changed); log in again"
+    )
+
+
 class ExpiredToken(Unauthenticated):
     code = "AUTH_EXPIRED_TOKEN"
     default_message = "bearer token has expired"

@@ -44,7 +44,7 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 )
 MAX_BODY_BYTES = 1024 * 1024
 
-Face = Literal["plan", "openai"]
+Face = Literal["plan", "openai", "agent"]
 # Under /v1 the OpenAI API (chat/completions, models, responses, embeddings, and any unknown
 # path, answered as OpenAI would) — except the agent API's paths (DESIGN.md "Three faces",
 # issue 13), which keep their own envelope.
@@ -62,9 +62,50 @@ _face: ContextVar[Face] = ContextVar("api_face", default="plan")
 
 def face_of(path: str) -> Face:
     """The API face a path belongs to, which decides the shape of its error bodies."""
-    if (path == "/v1" or path.startswith("/v1/")) and not path.startswith(AGENT_PREFIXES):
-        return "openai"
+    if path == "/v1" or path.startswith("/v1/"):
+        return "agent" if path.startswith(AGENT_PREFIXES) else "openai"
     return "plan"
+
+
+# The agent API's code table (README, "Agent API"): the services' own codes folded into the ones
+# the agent spec names, so an agent has one short list to handle.
+AGENT_CODES: dict[str, str] = {
+    "AUTH_REQUIRED": "AUTH_INVALID_KEY",
+    "AUTH_INVALID_KEY": "AUTH_INVALID_KEY",
+    "AUTH_REVOKED_KEY": "AUTH_INVALID_KEY",
+    "AUTH_INVALID_TOKEN": "AUTH_INVALID_KEY",
+    "AUTH_EXPIRED_KEY": "AUTH_EXPIRED_TOKEN",
+    "AUTH_EXPIRED_TOKEN": "AUTH_EXPIRED_TOKEN",
+    "AUTH_INVALID_CREDENTIALS": "AUTH_INVALID_KEY",
+    "LOGIN_THROTTLED": "RATE_LIMITED",
+    "INSUFFICIENT_QUOTA": "INSUFFICIENT_BALANCE",
+    "SAGA_NOT_FOUND": "ORDER_NOT_FOUND",
+    "QUOTA_NOT_FOUND": "NOT_FOUND",
+    "WEAK_PASSWORD": "INVALID_REQUEST",
+    "TOKENS_EXCEED_CAPACITY": "INVALID_REQUEST",
+    "VALIDATION_ERROR": "INVALID_REQUEST",
+}
+
+
+def agent_code(code: str) -> str:
+    return AGENT_CODES.get(code, code)
+
+
+def agent_meta() -> dict[str, str]:
+    return {
+        "request_id": current_request_id() or "",
+        "timestamp": utc_iso((_clock.get() or _SYSTEM_CLOCK).now()),
+    }
+
+
+def agent_error_body(
+    code: str, message: str, details: Sequence[Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The agent API's envelope around an error (issue 13)."""
+    error: dict[str, Any] = {"code": agent_code(code), "message": message}
+    if details:
+        error["details"] = list(details)
+    return {"success": False, "data": None, "error": error, "meta": agent_meta()}
 
 
 def current_face() -> Face:
@@ -179,6 +220,13 @@ def error_response(
             status_code=status,
             media_type="application/json",
             headers=answer_headers or None,
+        )
+    if _face.get() == "agent":
+        return Response(
+            orjson.dumps(agent_error_body(code, message, details)),
+            status_code=status,
+            media_type="application/json",
+            headers=dict(headers) if headers else None,
         )
     return Response(
         orjson.dumps(error_body(status, code, message, details, extra)),

@@ -51,12 +51,14 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     except (ValueError, TypeError) as exc:
         raise InvalidToken("bearer token has malformed claims") from exc
     username = claims.get("username")
+    issued_seq = claims.get("fseq")
     return Principal(
         user_id=user_id,
         roles=roles,
         org_ids=orgs,
         method="jwt",
         username=str(username) if username is not None else None,
+        issued_seq=issued_seq if isinstance(issued_seq, int) else None,
     )
 
 

@@ -22,6 +22,10 @@ class Principal:
     key_org_id: uuid.UUID | None = None
     # An agent session's credential (issue 13): spending is charged to that session's budget.
     session_id: uuid.UUID | None = None
+    # The auth service's principal-change feed cursor when this credential was issued (a JWT's
+    # `fseq` claim, an API-key answer's `feedSeq`): a later change about the user or one of
+    # their organisations makes it stale (shared/principal_feed.py).
+    issued_seq: int | None = None
 
     @property
     def is_admin(self) -> bool:

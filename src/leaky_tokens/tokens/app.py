@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from leaky_tokens.settings import PROVIDERS, Settings, TokensSettings
-from leaky_tokens.shared.app import build_service_app
+from leaky_tokens.shared.app import build_service_app, exposure_of
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerConfig
 from leaky_tokens.shared.clock import Clock, SystemClock
@@ -229,4 +229,5 @@ def create_tokens_app(
         log_access=settings.access_log,
         clock=clock,
         faces=face_of,
+        exposure=exposure_of(settings),
     )
