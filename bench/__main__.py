@@ -16,7 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import bench_agents, bench_gateway, bench_inference, ceiling, consume, wrk
+from bench import (
+    bench_agents,
+    bench_gateway,
+    bench_idempotency,
+    bench_inference,
+    ceiling,
+    consume,
+    wrk,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,6 +103,10 @@ def main() -> None:
     report["inference"] = [bench_inference.run(shape, 5, 16, 200) for shape in shapes]
     for row in report["inference"]:
         bench_inference.print_report(row)
+    # Idempotency-Key: replay and claim overhead in µs (issue 12)
+    report["idempotency"] = [bench_idempotency.run(shape, 400) for shape in shapes]
+    for row in report["idempotency"]:
+        bench_idempotency.print_report(row)
     report["agents"] = [row for shape in shapes for row in bench_agents.run(shape)]
     bench_agents.print_rows(report["agents"])
     RESULTS.mkdir(exist_ok=True)

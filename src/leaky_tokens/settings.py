@@ -183,6 +183,8 @@ class CatalogueModel(BaseModel):
     upstream_model: str = Field(min_length=1)  # the name the provider knows it by
     context_window: int = Field(ge=16)  # prompt + output tokens the model accepts
     max_output_tokens: int = Field(ge=1)  # its longest answer (the allowance when none asked)
+    # "embedding" models serve /v1/embeddings only; "chat" models the rest (issue 12).
+    kind: Literal["chat", "embedding"] = "chat"
 
     @model_validator(mode="after")
     def _fits(self) -> CatalogueModel:
@@ -191,13 +193,16 @@ class CatalogueModel(BaseModel):
         return self
 
 
-def _model(provider: str, upstream: str, context: int, output: int) -> CatalogueModel:
+def _model(
+    provider: str, upstream: str, context: int, output: int, kind: str = "chat"
+) -> CatalogueModel:
     return CatalogueModel.model_validate(
         {
             "provider": provider,
             "upstream_model": upstream,
             "context_window": context,
             "max_output_tokens": output,
+            "kind": kind,
         }
     )
 
@@ -210,6 +215,10 @@ DEFAULT_CATALOGUE: dict[str, CatalogueModel] = {
     "qwen-plus": _model("qwen", "qwen-plus", 131_072, 8_192),
     "gemini-2.5-flash": _model("gemini", "gemini-2.5-flash", 1_048_576, 65_536),
     "gemini-2.0-flash": _model("gemini", "gemini-2.0-flash", 1_048_576, 8_192),
+    # Embedding models (issue 12): the context is the longest input; no output is generated.
+    "text-embedding-3-small": _model("openai", "text-embedding-3-small", 8_191, 1, "embedding"),
+    "text-embedding-v3": _model("qwen", "text-embedding-v3", 8_192, 1, "embedding"),
+    "gemini-embedding-001": _model("gemini", "gemini-embedding-001", 2_048, 1, "embedding"),
 }
 
 
@@ -245,6 +254,17 @@ class InferenceSettings(BaseModel):
     # A /v1 reservation the sweeper may refund (a crashed process): longer than any call can
     # last, streams included (the gateway cuts one at gateway.inference_answer_timeout_seconds).
     reservation_ttl_seconds: float = Field(1200.0, gt=0)
+    # Idempotent inference (issue 12): how long a key's answer is kept, how long a call in
+    # flight holds its key before another attempt may take it over (a crashed call), and how
+    # often expired keys are swept.
+    idempotency_ttl_seconds: float = Field(86_400.0, gt=0)
+    idempotency_lease_seconds: float = Field(300.0, gt=0)
+    idempotency_sweep_seconds: float = Field(60.0, gt=0)
+    # Stored answers larger than this are not kept (the call still succeeds; a replay re-runs).
+    idempotency_max_answer_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # How long `GET /v1/responses/{id}` passes on to OpenAI for the caller that created the
+    # (stored) response; OpenAI itself keeps stored responses 30 days.
+    stored_response_ttl_seconds: float = Field(30 * 86_400.0, gt=0)
 
     @field_validator("providers")
     @classmethod

@@ -246,6 +246,15 @@ def test_a_session_credential_spends_only_and_cannot_manage(gateway: httpx.Clien
         json={"userId": agent.agent_id, "provider": "openai", "tokens": 10},
     )
     assert bought.status_code == 403, bought.text
+    # Nor read its user's account through the plan API: quotas, usage, keys.
+    for path in (
+        f"/api/v1/tokens/quota?userId={agent.agent_id}&provider=openai",
+        "/api/v1/tokens/quotas",
+        f"/api/v1/analytics/usage?userId={agent.agent_id}&provider=openai",
+        "/api/v1/auth/api-keys",
+    ):
+        read = gateway.get(path, headers=credential)
+        assert read.status_code == 403, (path, read.text)
     assert ok(gateway.get(f"/v1/sessions/{session['session_id']}", headers=agent.key))[
         "status"
     ] == ("active")

@@ -39,7 +39,7 @@ from leaky_tokens.gateway.proxy import (
     UpstreamUnreachable,
     request_is_dropped,
 )
-from leaky_tokens.gateway.routing import RouteTable
+from leaky_tokens.gateway.routing import Route, RouteTable
 from leaky_tokens.shared.authn import Authenticator
 from leaky_tokens.shared.circuit_breaker import BreakerState
 from leaky_tokens.shared.client_ip import TrustedProxies
@@ -241,6 +241,13 @@ class GatewayEdge:
                         "the raw provider routes are for ADMINs; call the metered "
                         "/v1/chat/completions instead"
                     )
+                elif principal.session_id is not None and not _session_may_use(route, path):
+                    # An agent session's credential spends its budget and nothing else: it
+                    # never reads or manages its user's account (quotas, usage, keys).
+                    refusal = Forbidden(
+                        "an agent session's credential is for /v1 inference and "
+                        "/api/v1/tokens/consume only"
+                    )
             if refusal is not None:
                 self.metrics.refused.labels(refusal.code).inc()
                 await _render(refusal, limits)(scope, receive, send)
@@ -422,6 +429,13 @@ def _upstream_headers(
     if request_id:
         headers.append((b"x-request-id", request_id.encode("latin-1")))
     return headers
+
+
+SESSION_SPEND_PATHS = frozenset({"/api/v1/tokens/consume"})
+
+
+def _session_may_use(route: Route, path: str) -> bool:
+    return route.upstream == INFERENCE_UPSTREAM or path in SESSION_SPEND_PATHS
 
 
 def _render(error: AppError, limits: dict[str, str]) -> Any:

@@ -20,6 +20,9 @@ OPENAI_ROUTES: tuple[tuple[str, str], ...] = (
     ("/v1/chat/completions", INFERENCE_UPSTREAM),
     ("/v1/models", INFERENCE_UPSTREAM),
     ("/v1/models/", INFERENCE_UPSTREAM),
+    ("/v1/embeddings", INFERENCE_UPSTREAM),  # issue 12
+    ("/v1/responses", INFERENCE_UPSTREAM),
+    ("/v1/responses/", INFERENCE_UPSTREAM),
 )
 # The upstream's real address: the token service.
 SERVED_BY = {INFERENCE_UPSTREAM: "tokens"}

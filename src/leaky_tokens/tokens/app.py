@@ -21,8 +21,17 @@ from leaky_tokens.shared.migrations import upgrade_database
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 from leaky_tokens.shared.tokenizer import preload
 from leaky_tokens.tokens.flags import FeatureFlags
-from leaky_tokens.tokens.inference.adapters import ProviderHttp, build_adapters
+from leaky_tokens.tokens.idempotency import IdempotencyKeys
+from leaky_tokens.tokens.inference.adapters import (
+    ProviderHttp,
+    build_adapters,
+    endpoints_from_settings,
+)
 from leaky_tokens.tokens.inference.catalogue import Catalogue
+from leaky_tokens.tokens.inference.embeddings import EmbeddingAdapters, EmbeddingService
+from leaky_tokens.tokens.inference.embeddings_router import router as embeddings_router
+from leaky_tokens.tokens.inference.responses import ResponsesService
+from leaky_tokens.tokens.inference.responses_router import router as responses_router
 from leaky_tokens.tokens.inference.router import router as inference_router
 from leaky_tokens.tokens.inference.service import InferenceService
 from leaky_tokens.tokens.leaky_bucket import LeakyBucketStore, MemoryLeakyBucket
@@ -117,13 +126,27 @@ def create_tokens_app(
         provider_http = ProviderHttp(
             settings.inference, provider_settings(settings.tokens).breaker, clock
         )
-        app.state.inference_service = InferenceService(
+        inference = InferenceService(
             service,
             settings.inference,
             catalogue,
             build_adapters(settings, provider_http),
             provider_http,
         )
+        app.state.inference_service = inference
+        app.state.embedding_service = EmbeddingService(
+            inference, EmbeddingAdapters.from_settings(settings, provider_http)
+        )
+        responses = ResponsesService(
+            inference,
+            endpoints_from_settings(settings)["openai"],
+            provider_http,
+            database,
+            the_clock,
+        )
+        app.state.responses_service = responses
+        idempotency_keys = IdempotencyKeys(database, settings.inference, the_clock)
+        app.state.idempotency_keys = idempotency_keys
         flags = FeatureFlags(database, the_clock)
         await flags.seed(settings.tokens.flags)
         orchestrator = SagaOrchestrator(
@@ -150,6 +173,8 @@ def create_tokens_app(
                 _sweep_sessions_forever(sessions, settings.tokens.session_sweep_interval_seconds)
             ),
             asyncio.create_task(orchestrator.run_forever()),
+            asyncio.create_task(idempotency_keys.sweep_forever(), name="idempotency-sweeper"),
+            asyncio.create_task(responses.sweep_forever(), name="stored-response-sweeper"),
         ]
         # outbox -> analytics (issue 5)
         metrics_registry = app.state.metrics.registry
@@ -192,7 +217,14 @@ def create_tokens_app(
         description=(
             "Quota pools, leaky-bucket consumption, provider calls, purchase sagas, the outbox."
         ),
-        routers=[router, inference_router, internal_router, session_router],
+        routers=[
+            router,
+            inference_router,
+            embeddings_router,
+            responses_router,
+            internal_router,
+            session_router,
+        ],
         lifespan=lifespan,
         log_access=settings.access_log,
         clock=clock,

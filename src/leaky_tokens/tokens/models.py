@@ -13,6 +13,7 @@ from sqlalchemy import (
     CheckConstraint,
     Index,
     Integer,
+    LargeBinary,
     String,
     UniqueConstraint,
     Uuid,
@@ -226,3 +227,41 @@ class AgentSessionEvent(TokensBase):
     message: Mapped[str | None] = mapped_column(String(500), nullable=True)
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class IdempotencyRecord(TokensBase):
+    """One Idempotency-Key of /v1 inference (issue 12), per caller scope (an API key, or a
+    user for a JWT). The row is the claim: it is written before anything is reserved or sent,
+    and its primary key makes a second claim of the same key impossible. `owner` names the
+    attempt that holds it; after `lease_until` another attempt may take it over (a crashed
+    call). Completed rows hold the answer to replay; expired rows are swept."""
+
+    __tablename__ = "inference_idempotency"
+    __table_args__ = (Index("ix_inference_idempotency_expires_at", "expires_at"),)
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the key
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of path + canonical body
+    state: Mapped[str] = mapped_column(String(16))  # "in_progress" | "completed"
+    owner: Mapped[uuid.UUID] = mapped_column(Uuid)
+    lease_until: Mapped[datetime] = mapped_column(UtcDateTime)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    content_type: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class StoredResponse(TokensBase):
+    """A Response the provider stores (OpenAI's `store`, on by default), and whose it is: the
+    provider's store sits behind the gateway's one upstream key, so `GET /v1/responses/{id}`
+    is passed on only for the caller that created it (issue 12)."""
+
+    __tablename__ = "inference_response"
+    __table_args__ = (Index("ix_inference_response_expires_at", "expires_at"),)
+
+    response_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))  # "user:<id>"
+    model: Mapped[str] = mapped_column(String(128))  # the catalogue id the caller used
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from leaky_tokens.settings import CatalogueModel
 from leaky_tokens.shared.tokenizer import tokenizer_for
-from leaky_tokens.tokens.inference.errors import ModelNotFound
+from leaky_tokens.tokens.inference.errors import InvalidInferenceRequest, ModelNotFound
 
 # `created` of every catalogue entry in /v1/models (the SDK needs an integer; ours is fixed).
 CATALOGUE_CREATED = 1_700_000_000
@@ -22,6 +22,7 @@ class ModelRoute:
     upstream_model: str
     context_window: int
     max_output_tokens: int
+    kind: str = "chat"  # "chat" | "embedding"
 
     def as_openai(self) -> dict[str, object]:
         return {
@@ -43,6 +44,7 @@ class Catalogue:
                 entry.upstream_model,
                 entry.context_window,
                 entry.max_output_tokens,
+                entry.kind,
             )
             for model_id, entry in models.items()
         }
@@ -66,4 +68,17 @@ class Catalogue:
                 f"The model `{requested}` does not exist or you do not have access to it.",
                 details=[{"field": "model", "message": "unknown model"}],
             )
+        return found
+
+    def resolve_for(self, requested: str, kind: str) -> ModelRoute:
+        """`resolve`, and a 400 naming `model` when the model serves another kind of call (an
+        embedding model asked to chat, or the reverse)."""
+        found = self.resolve(requested)
+        if found.kind != kind:
+            message = (
+                f"The model `{requested}` is an embedding model; it serves /v1/embeddings only."
+                if found.kind == "embedding"
+                else f"The model `{requested}` does not support embeddings."
+            )
+            raise InvalidInferenceRequest(message, details=[{"field": "model", "message": message}])
         return found

@@ -87,3 +87,10 @@ class ProviderTimeout(AppError):
     default_message = "The provider did not answer in time."
     openai_type = "server_error"
     openai_code = "provider_timeout"
+
+
+class ResponseNotFound(NotFound):
+    code = "RESPONSE_NOT_FOUND"
+    default_message = "no such response"
+    openai_type = "invalid_request_error"
+    openai_code = "response_not_found"

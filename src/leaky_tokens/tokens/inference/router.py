@@ -15,7 +15,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from leaky_tokens.shared.authn import CurrentPrincipal
+from leaky_tokens.shared.principal import Principal
 from leaky_tokens.shared.request_context import current_request_id
+from leaky_tokens.tokens.idempotency import idempotent
 from leaky_tokens.tokens.inference.errors import InvalidInferenceRequest
 from leaky_tokens.tokens.inference.service import (
     InferenceService,
@@ -51,8 +53,15 @@ async def get_model(model_id: str, request: Request, _: CurrentPrincipal) -> Res
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, principal: CurrentPrincipal) -> Response:
-    service = _service(request)
     raw = await request.body()
+    # An Idempotency-Key replays a stored answer or runs the call under its claim (issue 12).
+    return await idempotent(
+        request, principal, raw, lambda: _chat_completions(request, principal, raw)
+    )
+
+
+async def _chat_completions(request: Request, principal: Principal, raw: bytes) -> Response:
+    service = _service(request)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -107,7 +107,7 @@ def parse_chat_request(body: Any, catalogue: Catalogue) -> ChatRequest:
     n = body.get("n", 1)
     if n != 1:
         raise _invalid("Only n = 1 is supported.", "n")
-    route = catalogue.resolve(model)  # 404 model_not_found
+    route = catalogue.resolve_for(model, "chat")  # 404 model_not_found, 400 an embedder
     passed = {k: v for k, v in body.items() if k not in ("model", "messages")}
     # The largest cap counts when both are sent (a smaller one must not shrink the reservation
     # below what the provider would honour).
@@ -216,7 +216,7 @@ class InferenceService:
         self, principal: Principal, request: ChatRequest, request_id: str | None
     ) -> Admission:
         route = request.route
-        kind, owner, org_id = self._pool_of(principal)
+        self._pool_of(principal)  # a foreign org's key is refused before anything is counted
         tokenizer = tokenizer_for(route.provider, route.upstream_model)
         counted = tokenizer.count_messages(request.messages)
         # Tool and schema definitions are prompt tokens at the provider too: counted as their
@@ -238,6 +238,33 @@ class InferenceService:
             request.requested_output or route.max_output_tokens, route.max_output_tokens, room
         )
         minimum = min(self.settings.min_answer_tokens, allowance)
+        return await self.admit_counted(
+            principal,
+            route,
+            tokenizer,
+            prompt=prompt,
+            allowance=allowance,
+            minimum=minimum,
+            stream=request.stream,
+            request_id=request_id,
+        )
+
+    async def admit_counted(
+        self,
+        principal: Principal,
+        route: ModelRoute,
+        tokenizer: Tokenizer,
+        *,
+        prompt: int,
+        allowance: int,
+        minimum: int,
+        stream: bool,
+        request_id: str | None,
+    ) -> Admission:
+        """Reserve `prompt + allowance` (at least `prompt + minimum`) and take bucket room for
+        it; QuotaExhausted / BucketFull with nothing charged otherwise. `admit` counts a chat;
+        embeddings and the Responses API count their own input (issue 12)."""
+        kind, owner, org_id = self._pool_of(principal)
         service = self.tokens
         now = service.clock.now()
         reservation_id = uuid.uuid4()
@@ -248,7 +275,7 @@ class InferenceService:
             "tokens": prompt + allowance,
             "request_id": request_id,
         }
-        v1_fields = {"model": route.id, "stream": request.stream}
+        v1_fields = {"model": route.id, "stream": stream}
         async with service.db.connection() as conn:
             ledger = QuotaLedger(conn)
             reserved = await ledger.reserve(
@@ -298,7 +325,7 @@ class InferenceService:
             bucket_admitted=admitted,
             decision=BucketDecision(True, config.capacity, 0, config.capacity, 0.0, 0.0),
             event_fields={**event_fields, "tokens": reserved.reserved},
-            stream=request.stream,
+            stream=stream,
         )
         try:
             try:
@@ -514,6 +541,12 @@ class MeteredStream:
 
     def headers(self) -> dict[str, str]:
         return self.admission.rate_limit_headers()
+
+    @property
+    def outcome(self) -> str:
+        """ "completed" once the stream reached its proper end (idempotent replays keep only
+        those); "provider_cut", "client_disconnected"… otherwise."""
+        return self._outcome
 
     async def events(self) -> AsyncIterator[bytes]:
         """SSE bytes for the client; ends with `[DONE]`, or with an error event when the
