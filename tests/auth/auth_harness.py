@@ -208,11 +208,13 @@ async def running_auth(
     redis_url: str = "",
     admin: tuple[str, str] = (ADMIN_USERNAME, ADMIN_PASSWORD),
     trusted_proxies: list[str] | None = None,
+    redis: dict[str, Any] | None = None,
     **auth: Any,
 ) -> AsyncIterator[AuthClient]:
     """The auth service in-process (lifespan run: migrations, signing key, admin bootstrap)."""
     settings = Settings(
         **({} if trusted_proxies is None else {"trusted_proxies": trusted_proxies}),
+        **({} if redis is None else {"redis": redis}),
         data_dir=data_dir,
         access_log=False,
         redis_url=redis_url,

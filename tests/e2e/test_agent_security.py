@@ -293,7 +293,9 @@ def test_registration_conflicts_throttle_only_the_address_that_made_them(
     # The agent API registers through auth on the caller's behalf and forwards the caller's
     # address, so one prober's conflicts do not shut registration for every other agent.
     taken = register(gateway, "taken")
-    prober = {"x-forwarded-for": "203.0.113.7"}
+    # Addresses of this run only: the distributed shape's windows outlive a run in Redis.
+    octets = uuid.uuid4().bytes
+    prober = {"x-forwarded-for": f"10.{octets[0]}.{octets[1]}.{octets[2]}"}
     answers = [
         gateway.post("/v1/account/register", json={"name": taken.name}, headers=prober)
         for _ in range(12)
@@ -304,6 +306,6 @@ def test_registration_conflicts_throttle_only_the_address_that_made_them(
     other = gateway.post(
         "/v1/account/register",
         json={"name": f"other_{uuid.uuid4().hex[:10]}"},
-        headers={"x-forwarded-for": "203.0.113.8"},
+        headers={"x-forwarded-for": f"10.{octets[3]}.{octets[4]}.{octets[5]}"},
     )
     assert other.status_code == 201, other.text

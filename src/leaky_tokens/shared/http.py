@@ -312,6 +312,23 @@ async def _http_exception_handler(_: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, message, headers=headers)
 
 
+# PostgreSQL's refusals of text it cannot hold (NUL in text or JSON): 22021
+# character_not_in_repertoire, 22P05 untranslatable_character.
+_REFUSED_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
+
+
+def _text_the_database_refused(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # the driver's error, wrapped by SQLAlchemy's adapter and DBAPIError
+        if seen is None:
+            return False
+        for candidate in (seen, getattr(seen, "orig", None)):
+            if getattr(candidate, "sqlstate", None) in _REFUSED_TEXT_SQLSTATES:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
@@ -422,7 +439,17 @@ class EnvelopeMiddleware:
                     "request body too large",
                     headers={"Connection": "close"},
                 )(scope, receive, send_wrapper)
-        except Exception:
+        except Exception as exc:
+            if _text_the_database_refused(exc):
+                # The transaction failed whole, so nothing was written: the caller's text is
+                # at fault, not the service.
+                if not response_started:
+                    await error_response(
+                        400,
+                        "INVALID_REQUEST",
+                        "text in the request holds a character that cannot be stored (NUL)",
+                    )(scope, receive, send_wrapper)
+                return
             error_log.exception("unhandled error", extra={"service": self.service})
             if not response_started:
                 await error_response(500, "INTERNAL_ERROR", "internal server error")(
