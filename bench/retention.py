@@ -1,11 +1,12 @@
-"""`python -m bench.retention [--shape sqlite|postgresql] [--rows 1000000]`: retention on a
-million rows (issue 10).
+"""`python -m bench.retention [--shape sqlite|postgresql] [--rows 1000000] [--outbox-only]
+[--sweep-duty-cycle D]`: retention on a million rows (issue 10).
 
 1. Fills the token service's outbox with `rows` rows published two days ago and analytics with
    `rows` usage events over the last 30 days, by bulk SQL (bench/bulk.py), and times that.
 2. /consume throughput of a real token service (`leaky-tokens up --skip gateway,analytics`,
    relay off) without the sweeper, then with the sweeper purging the million rows (retention
-   1 day, 1000 rows per DELETE): the sweeper's rows/s, from its own counter at /metrics.
+   1 day, 1000 rows per DELETE at most, paced by the duty cycle): the sweeper's rows/s, from
+   its own counter at /metrics.
 3. /usage latency on the million events (in-process service calls): the first page, a page
    500 000 events deep by cursor and by offset; /report over 24 h before and after the
    roll-up, and the roll-up's own rows/s.
@@ -39,6 +40,7 @@ from leaky_tokens.analytics.service import AnalyticsService, UsageCursor, encode
 from leaky_tokens.shared.clock import SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.migrations import upgrade_database
+from leaky_tokens.shared.pacing import Pacing
 from leaky_tokens.shared.principal import Principal
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,7 +69,9 @@ async def _drop_pg(url: str) -> None:
         await conn.close()
 
 
-def _start_tokens(workdir: Path, tokens_url: str, *, sweeper: bool) -> tuple[Any, dict[str, int]]:
+def _start_tokens(
+    workdir: Path, tokens_url: str, *, sweeper: bool, sweep_env: dict[str, str] | None = None
+) -> tuple[Any, dict[str, int]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEAKY_") and k != "REDIS_URL"}
     env.update(
         {
@@ -86,6 +90,7 @@ def _start_tokens(workdir: Path, tokens_url: str, *, sweeper: bool) -> tuple[Any
             "LEAKY_EVENTS__OUTBOX_SWEEP_EVERY_SECONDS": "0.5",
         }
     )
+    env.update(sweep_env or {})
     for service in ("gateway", "auth", "tokens", "analytics", "qwen", "gemini", "openai"):
         env[f"LEAKY_PORTS__{service.upper()}"] = "0"
     ready = workdir / f"ready-{time.monotonic_ns()}.json"
@@ -245,7 +250,12 @@ async def _usage_figures(url: str, rows: int) -> dict[str, Any]:
         retention = Retention(
             db,
             SystemClock(),
-            config=RetentionConfig(raw_retention_seconds=86_400, batch=5000, pause_seconds=0),
+            config=RetentionConfig(
+                raw_retention_seconds=86_400,
+                batch=5000,
+                # the roll-up's own speed: unpaced (the service paces it, see README)
+                pacing=Pacing(duty_cycle=1.0, pause_seconds=0, slow_batch_seconds=3600),
+            ),
         )
         started = time.monotonic()
         totals = await retention.sweep_once()
@@ -267,8 +277,17 @@ async def _usage_figures(url: str, rows: int) -> dict[str, Any]:
     return figures
 
 
-async def run(shape: str, rows: int, consume_seconds: float, concurrency: int) -> dict[str, Any]:
+async def run(
+    shape: str,
+    rows: int,
+    consume_seconds: float,
+    concurrency: int,
+    *,
+    sweep_env: dict[str, str] | None = None,
+    usage: bool = True,
+) -> dict[str, Any]:
     figures: dict[str, Any] = {"shape": shape, "rows": rows, "load_before": os.getloadavg()}
+    figures["sweep_settings"] = sweep_env or {}
     workdir = Path(tempfile.mkdtemp(prefix="lt-bench-retention-"))
     if shape == "postgresql":
         tokens_url, analytics_url = await _fresh_pg("tokens"), await _fresh_pg("analytics")
@@ -284,11 +303,12 @@ async def run(shape: str, rows: int, consume_seconds: float, concurrency: int) -
         await fill_outbox(tokens_db, rows, now - timedelta(days=3), now - timedelta(days=2))
         figures["fill_outbox_s"] = round(time.monotonic() - started, 1)
         await tokens_db.dispose()
-        analytics_db = Database(analytics_url)
-        started = time.monotonic()
-        await fill_usage_events(analytics_db, rows, now - timedelta(days=30), now)
-        figures["fill_usage_events_s"] = round(time.monotonic() - started, 1)
-        await analytics_db.dispose()
+        if usage:
+            analytics_db = Database(analytics_url)
+            started = time.monotonic()
+            await fill_usage_events(analytics_db, rows, now - timedelta(days=30), now)
+            figures["fill_usage_events_s"] = round(time.monotonic() - started, 1)
+            await analytics_db.dispose()
         print(json.dumps(figures), flush=True)
 
         proc, ports = _start_tokens(workdir, tokens_url, sweeper=False)
@@ -300,7 +320,7 @@ async def run(shape: str, rows: int, consume_seconds: float, concurrency: int) -
             _stop(proc)
         print(json.dumps(figures), flush=True)
 
-        proc, ports = _start_tokens(workdir, tokens_url, sweeper=True)
+        proc, ports = _start_tokens(workdir, tokens_url, sweeper=True, sweep_env=sweep_env)
         tokens = f"http://127.0.0.1:{ports['tokens']}"
         try:
             # measured from the first reading (the sweep starts with the service)
@@ -330,7 +350,8 @@ async def run(shape: str, rows: int, consume_seconds: float, concurrency: int) -
             _stop(proc)
         print(json.dumps(figures), flush=True)
 
-        figures.update(await _usage_figures(analytics_url, rows))
+        if usage:
+            figures.update(await _usage_figures(analytics_url, rows))
         figures["load_after"] = os.getloadavg()
     finally:
         if shape == "postgresql":
@@ -345,8 +366,26 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--consume-seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--sweep-duty-cycle", type=float, help="events.outbox_sweep_duty_cycle (default: 0.1)"
+    )
+    parser.add_argument(
+        "--outbox-only", action="store_true", help="skip the analytics (/usage, roll-up) part"
+    )
     args = parser.parse_args()
-    figures = asyncio.run(run(args.shape, args.rows, args.consume_seconds, args.concurrency))
+    sweep_env = {}
+    if args.sweep_duty_cycle is not None:
+        sweep_env["LEAKY_EVENTS__OUTBOX_SWEEP_DUTY_CYCLE"] = str(args.sweep_duty_cycle)
+    figures = asyncio.run(
+        run(
+            args.shape,
+            args.rows,
+            args.consume_seconds,
+            args.concurrency,
+            sweep_env=sweep_env,
+            usage=not args.outbox_only,
+        )
+    )
     print(json.dumps(figures, indent=2))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"retention-{args.shape}.json").write_text(json.dumps(figures, indent=2) + "\n")

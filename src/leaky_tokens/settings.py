@@ -293,6 +293,12 @@ class AnalyticsSettings(BaseModel):
     dead_letter_retention_seconds: float = Field(30 * 86_400.0, ge=60)
     retention_batch: int = Field(5000, ge=1, le=100_000)
     retention_every_seconds: float = Field(60.0, gt=0)
+    # Pacing of the retention sweep (shared/pacing.py), as for events.outbox_sweep_*: the share
+    # of time it may spend in roll-up/purge transactions, the shortest pause between two, and
+    # the step duration above which the next step is halved.
+    retention_duty_cycle: float = Field(0.1, gt=0, le=1)
+    retention_pause_seconds: float = Field(0.005, ge=0, le=30)
+    retention_slow_batch_seconds: float = Field(0.1, gt=0)
 
 
 class EventsSettings(BaseModel):
@@ -318,6 +324,13 @@ class EventsSettings(BaseModel):
     outbox_retention_seconds: float = Field(86_400.0, ge=0)
     outbox_sweep_batch: int = Field(1000, ge=1, le=10_000)
     outbox_sweep_every_seconds: float = Field(30.0, gt=0)
+    # Pacing, so a backlog purge yields to /consume (shared/pacing.py): after a batch that took
+    # t seconds the sweeper pauses at least t * (1 - d) / d (d = duty cycle: the share of time it
+    # may spend deleting) and at least outbox_sweep_pause_seconds; a batch slower than
+    # outbox_sweep_slow_batch_seconds halves the next one (down to batch / 16).
+    outbox_sweep_duty_cycle: float = Field(0.1, gt=0, le=1)
+    outbox_sweep_pause_seconds: float = Field(0.005, ge=0, le=30)
+    outbox_sweep_slow_batch_seconds: float = Field(0.1, gt=0)
 
 
 class RouteLimit(BaseModel):

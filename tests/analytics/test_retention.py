@@ -17,6 +17,7 @@ from bench.bulk import fill_usage_events
 from leaky_tokens.analytics.models import DeadLetter, PurchaseEvent, UsageEvent, UsageRollup
 from leaky_tokens.analytics.retention import Retention, RetentionConfig
 from leaky_tokens.settings import AnalyticsSettings
+from leaky_tokens.shared.pacing import Pacing
 from tests.analytics.analytics_harness import (
     NOW,
     AnalyticsClient,
@@ -210,7 +211,9 @@ async def test_events_arriving_while_the_horizon_moves_count_exactly_once(
     retention = Retention(
         analytics.service.db,
         analytics.clock,
-        config=RetentionConfig(raw_retention_seconds=3 * 3600, batch=50, pause_seconds=0),
+        config=RetentionConfig(
+            raw_retention_seconds=3 * 3600, batch=50, pacing=Pacing(pause_seconds=0)
+        ),
     )
 
     async def roll(steps: int) -> None:
@@ -296,3 +299,49 @@ async def test_dead_letters_are_purged_past_their_retention(analytics: Analytics
     async with analytics.service.db.read() as session:
         kept = set((await session.execute(select(DeadLetter.event_id))).scalars().all())
     assert kept == {e.event_id for e in unreadable[1:]}
+
+
+async def test_a_slow_roll_up_is_paced_and_still_reaches_its_horizon(
+    analytics: AnalyticsClient,
+) -> None:
+    """Each roll-up step 'takes' 0.4 s on the injected clock: the steps shrink (the same pacer
+    as the outbox sweeper's), each is followed by a pause of 0.4 * 0.9 / 0.1 = 3.6 s (recorded,
+    not slept), and the sweep still rolls up everything past the raw retention."""
+    import pytest
+
+    db = analytics.service.db
+    await fill_usage_events(db, 3_000, NOW - 12 * HOUR, NOW, users=20)
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    retention = Retention(
+        db,
+        analytics.clock,
+        config=RetentionConfig(
+            raw_retention_seconds=6 * 3600,
+            batch=400,
+            pacing=Pacing(duty_cycle=0.1, slow_batch_seconds=0.1),
+        ),
+        sleep=sleep,
+    )
+    batches: list[int] = []
+    real_step = retention.roll_up_step
+
+    async def slow_step(batch: int | None = None) -> Any:
+        batches.append(batch or 0)
+        result = await real_step(batch)
+        analytics.clock.advance(0.4)  # NOW is a whole minute: the horizon's target stays put
+        return result
+
+    retention.roll_up_step = slow_step  # type: ignore[method-assign]
+    totals = await retention.sweep_once()
+    assert totals.horizon == NOW - 6 * HOUR
+    assert totals.rolled_up == 1_500
+    assert await _count(analytics, UsageEvent) == 1_500
+    assert batches[:3] == [400, 200, 100]
+    assert min(batches) == 400 // 16
+    assert totals.steps == len(batches)
+    # between roll-up steps (not after the last one): 3.6 s each; then the purges, fast
+    assert sleeps[: len(batches) - 1] == [pytest.approx(3.6)] * (len(batches) - 1)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Table, func, insert, select
 
@@ -147,6 +148,8 @@ async def test_the_token_service_runs_the_sweeper_from_its_settings(
                 "outbox_retention_seconds": 3600,
                 "outbox_sweep_batch": 500,
                 "outbox_sweep_every_seconds": 0.05,
+                "outbox_sweep_duty_cycle": 0.5,
+                "outbox_sweep_pause_seconds": 0.01,
             },
         )
         app = create_tokens_app(settings, authenticator=FakeAuthenticator())
@@ -160,3 +163,48 @@ async def test_the_token_service_runs_the_sweeper_from_its_settings(
             assert registry.get_sample_value("tokens_outbox_purged_events_total") == 1500
     finally:
         await db.dispose()
+
+
+async def test_a_slow_sweep_is_paced_and_still_purges_the_whole_backlog(rig: Rig) -> None:
+    """Each DELETE 'takes' 0.3 s on an injected clock (a busy database): the sweeper halves its
+    batches down to the floor, asks for 0.3 * 0.9 / 0.1 = 2.7 s after each, and purges every
+    old row anyway; the sleeps are recorded, not slept."""
+    from leaky_tokens.shared.clock import FakeClock
+    from leaky_tokens.shared.pacing import Pacing
+
+    now = datetime.now(UTC)
+    await bulk_outbox(rig.db, 2000, created=now - 3 * DAY, published=now - 2 * DAY)
+    await bulk_outbox(rig.db, 7, created=now - 3 * DAY, published=None)
+    clock = FakeClock(now)
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.advance(seconds)
+
+    sweeper = OutboxSweeper(
+        rig.db,
+        config=SweeperConfig(
+            retention_seconds=DAY.total_seconds(),
+            batch=800,
+            pacing=Pacing(duty_cycle=0.1, pause_seconds=0.005, slow_batch_seconds=0.1),
+        ),
+        clock=clock,
+        sleep=sleep,
+    )
+    limits: list[int] = []
+    real_purge = sweeper.purge_batch
+
+    async def slow_purge(limit: int | None = None) -> int:
+        limits.append(limit or 0)
+        clock.advance(0.3)
+        return await real_purge(limit)
+
+    sweeper.purge_batch = slow_purge  # type: ignore[method-assign]
+    assert await sweeper.sweep_once() == 2000
+    assert await counts(rig.db) == (0, 7)
+    assert limits[:4] == [800, 400, 200, 100]
+    assert min(limits) == 800 // 16
+    assert sleeps == [pytest.approx(2.7)] * (len(limits) - 1)
+    # the size learned is kept for the next sweep
+    assert sweeper.pacer.batch == 800 // 16

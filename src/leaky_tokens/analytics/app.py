@@ -19,6 +19,7 @@ from leaky_tokens.shared.clock import Clock, SystemClock
 from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.events import event_ingest_router, finish_task
 from leaky_tokens.shared.migrations import upgrade_database
+from leaky_tokens.shared.pacing import Pacing
 
 EVENTS_PATH = "/api/v1/analytics/events"
 
@@ -50,6 +51,11 @@ def create_analytics_app(
                 dead_letter_retention_seconds=own.dead_letter_retention_seconds,
                 batch=own.retention_batch,
                 every_seconds=own.retention_every_seconds,
+                pacing=Pacing(
+                    duty_cycle=own.retention_duty_cycle,
+                    pause_seconds=own.retention_pause_seconds,
+                    slow_batch_seconds=own.retention_slow_batch_seconds,
+                ),
             ),
             metrics=metrics,
         )

@@ -18,6 +18,7 @@ from leaky_tokens.shared.database import Database
 from leaky_tokens.shared.events import resolve_internal_token
 from leaky_tokens.shared.http import face_of
 from leaky_tokens.shared.migrations import upgrade_database
+from leaky_tokens.shared.pacing import Pacing
 from leaky_tokens.shared.redis import RedisMetrics, guard_from_settings, redis_from_settings
 from leaky_tokens.shared.tokenizer import preload
 from leaky_tokens.tokens.flags import FeatureFlags
@@ -186,6 +187,11 @@ def create_tokens_app(
                 retention_seconds=events.outbox_retention_seconds,
                 batch=events.outbox_sweep_batch,
                 every_seconds=events.outbox_sweep_every_seconds,
+                pacing=Pacing(
+                    duty_cycle=events.outbox_sweep_duty_cycle,
+                    pause_seconds=events.outbox_sweep_pause_seconds,
+                    slow_batch_seconds=events.outbox_sweep_slow_batch_seconds,
+                ),
             ),
             clock=the_clock,
             metrics=outbox_metrics(metrics_registry),
