@@ -296,7 +296,7 @@ class AnalyticsSettings(BaseModel):
     # Pacing of the retention sweep (shared/pacing.py), as for events.outbox_sweep_*: the share
     # of time it may spend in roll-up/purge transactions, the shortest pause between two, and
     # the step duration above which the next step is halved.
-    retention_duty_cycle: float = Field(0.1, gt=0, le=1)
+    retention_duty_cycle: float = Field(0.05, gt=0, le=1)
     retention_pause_seconds: float = Field(0.005, ge=0, le=30)
     retention_slow_batch_seconds: float = Field(0.1, gt=0)
 
@@ -328,7 +328,7 @@ class EventsSettings(BaseModel):
     # t seconds the sweeper pauses at least t * (1 - d) / d (d = duty cycle: the share of time it
     # may spend deleting) and at least outbox_sweep_pause_seconds; a batch slower than
     # outbox_sweep_slow_batch_seconds halves the next one (down to batch / 16).
-    outbox_sweep_duty_cycle: float = Field(0.1, gt=0, le=1)
+    outbox_sweep_duty_cycle: float = Field(0.05, gt=0, le=1)
     outbox_sweep_pause_seconds: float = Field(0.005, ge=0, le=30)
     outbox_sweep_slow_batch_seconds: float = Field(0.1, gt=0)
 

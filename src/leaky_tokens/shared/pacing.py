@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Pacing:
-    duty_cycle: float = 0.1  # the share of time the sweeper may spend in batches (0 < d <= 1)
+    duty_cycle: float = 0.05  # the share of time the sweeper may spend in batches (0 < d <= 1)
     pause_seconds: float = 0.005  # the shortest pause between two batches
     slow_batch_seconds: float = 0.1  # a batch slower than this halves the next one
     max_pause_seconds: float = 30.0  # the longest pause between two batches
