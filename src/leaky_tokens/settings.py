@@ -98,6 +98,9 @@ class AuthSettings(BaseModel):
     # Registrations refused because the username or email exists, per client address: past
     # this, 429 (probing which accounts exist costs time).
     registration_conflicts_per_client: int = Field(10, ge=1)
+    # Redis keys of the login and registration throttles (deployments sharing a Redis, and
+    # test stacks, give distinct prefixes: the windows outlive a process).
+    throttle_key_prefix: str = Field("lt:auth:", min_length=1)
     registration_conflict_window_seconds: int = Field(3600, ge=1, le=86400)
     # Active (neither revoked nor expired) API keys one user may hold at once.
     max_active_api_keys_per_user: int = Field(10, ge=1, le=10_000)

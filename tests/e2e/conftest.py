@@ -189,6 +189,11 @@ def stack_env(
         # Each stack its own event streams: analytics consumers of other stacks (same group
         # name) would otherwise take this stack's events.
         env["LEAKY_EVENTS__STREAM_PREFIX"] = f"lt:test:events:{uuid.uuid4().hex}:"
+        # ... and its own limiter windows: they outlive a run in Redis, and every stack's
+        # clients come from 127.0.0.1 (registration conflicts of earlier runs throttled later
+        # runs' registrations).
+        env["LEAKY_AUTH__THROTTLE_KEY_PREFIX"] = f"lt:test:auth:{uuid.uuid4().hex}:"
+        env["LEAKY_GATEWAY__RATE_LIMIT_KEY_PREFIX"] = f"lt:test:gw:{uuid.uuid4().hex}:"
     try:
         yield workdir, env, request.param
     finally:

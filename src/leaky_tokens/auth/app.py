@@ -95,7 +95,9 @@ def create_auth_app(settings: Settings, *, clock: Clock | None = None) -> FastAP
             guard = guard_from_settings(
                 redis, "login_throttle", settings.redis, RedisMetrics.of(app.state.metrics.registry)
             )
-            throttle = RedisFixedWindowLimiter(guard, prefix="lt:auth:", fallback=memory)
+            throttle = RedisFixedWindowLimiter(
+                guard, prefix=settings.auth.throttle_key_prefix, fallback=memory
+            )
         service = AuthService(database, settings.auth, service_clock, throttle)
         if redis is not None:
             service.announce_revocation = functools.partial(announce_revocation, redis)
