@@ -583,12 +583,7 @@ class AnalyticsService:
             provider=scope.provider,
             count=len(items),
             items=items,
-            pagination=Pagination(
-                page=page,
-                page_size=limit,
-                total=total,
-                total_pages=math.ceil(total / limit) if total else 0,
-            ),
+            pagination=Pagination.of(page, limit, total),
             next_cursor=next_cursor,
             total_exact=None if exact else False,
             model=scope.model,
@@ -785,12 +780,7 @@ class AnalyticsService:
                 )
                 for r in rows
             ],
-            pagination=Pagination(
-                page=page,
-                page_size=page_size,
-                total=total,
-                total_pages=math.ceil(total / page_size) if total else 0,
-            ),
+            pagination=Pagination.of(page, page_size, total),
         )
 
     async def dead_letters(
@@ -817,12 +807,7 @@ class AnalyticsService:
                 )
                 for r in rows
             ],
-            pagination=Pagination(
-                page=page,
-                page_size=page_size,
-                total=total,
-                total_pages=math.ceil(total / page_size) if total else 0,
-            ),
+            pagination=Pagination.of(page, page_size, total),
         )
 
     async def usage_totals(self) -> tuple[int, int]:

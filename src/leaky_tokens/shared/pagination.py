@@ -40,6 +40,16 @@ class Pagination(BaseModel):
     total: int
     total_pages: int
 
+    @classmethod
+    def of(cls, page: int, page_size: int, total: int) -> Pagination:
+        return cls(
+            page=page, page_size=page_size, total=total, total_pages=total_pages(total, page_size)
+        )
+
+
+def total_pages(total: int, page_size: int) -> int:
+    return math.ceil(total / page_size) if total else 0
+
 
 class Page(BaseModel, Generic[T]):
     items: list[T]
@@ -53,6 +63,6 @@ def page_of(items: list[Any], request: PageRequest, total: int) -> dict[str, Any
             "page": request.page,
             "page_size": request.page_size,
             "total": total,
-            "total_pages": math.ceil(total / request.page_size) if total else 0,
+            "total_pages": total_pages(total, request.page_size),
         },
     }
